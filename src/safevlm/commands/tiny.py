@@ -1,0 +1,26 @@
+"""`safevlm tiny build`: save the embedded tiny LLaVA as a Hugging Face folder."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tiny", help="The embedded tiny LLaVA (built offline).",
+        description="Build the embedded default model: a tiny LLaVA with a locally trained tokenizer.",
+    )
+    sub = parser.add_subparsers(dest="tiny_command", metavar="<action>")
+    build = sub.add_parser("build", help="Build and save the tiny model + processor.",
+                           description="Build the tiny LLaVA and save it as a Hugging Face folder.")
+    build.add_argument("--out", required=True, help="Output folder.")
+    build.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    build.add_argument("--preset", default="default", choices=["default", "test"], help="Model size preset.")
+    build.set_defaults(func=command_build)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def command_build(args) -> int:
+    from safevlm.tiny import save_tiny
+
+    out = save_tiny(args.out, preset=args.preset, seed=args.seed)
+    print(f"saved tiny LLaVA ({args.preset}, seed {args.seed}) to {out}")
+    return 0

@@ -1,0 +1,213 @@
+"""`SafetyConfig`: everything that shapes the safety modules, with dimensions read from the base.
+
+A config is built from a base model's config with :meth:`SafetyConfig.from_base_config`, so the
+vision width, text width, number of image features and feature layer are never copied by hand.
+It is saved beside the adapter weights as ``safety_config.json`` and checked against the base
+when an adapter is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from safevlm.taxonomy import DEFAULT_LEVEL_NAMES, DEFAULT_TYPE_NAMES, Taxonomy
+
+PROJECTOR_KINDS = ("mlp", "cabstractor")
+CONFIG_NAME = "safety_config.json"
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class SafetyConfig:
+    """Configuration of the safety projector, safety head and prefix safety tokens.
+
+    Fields under "from the base" are filled by :meth:`from_base_config`; an adapter whose
+    base fields differ from the base it is loaded onto is refused.
+    """
+
+    # -- taxonomy ---------------------------------------------------------------------------
+    type_names: list[str] = _help(
+        "Risk type names; the index is the class id of the type head.",
+        default_factory=lambda: list(DEFAULT_TYPE_NAMES),
+    )
+    level_names: list[str] = _help(
+        "Risk level names, from safe (0) to most serious.", default_factory=lambda: list(DEFAULT_LEVEL_NAMES)
+    )
+    safe_type: str = _help("The type name that means 'no risk'.", default="safe")
+
+    # -- modules ----------------------------------------------------------------------------
+    projector_kind: str = _help(
+        "Safety projector: 'mlp' (per-patch MLP, M = N) or 'cabstractor' (conv residual blocks "
+        "over the patch grid, adaptive pooling to a square grid of M tokens, MLP readout).",
+        default="mlp",
+    )
+    num_safety_tokens: int | None = _help(
+        "M, the number of safety features the projector outputs. 'mlp' keeps the N image features "
+        "(leave None); 'cabstractor' needs a square number (default 64).",
+        default=None,
+    )
+    cabstractor_depth: int = _help("Residual conv blocks before and after pooling (cabstractor).", default=2)
+    safety_dim: int | None = _help("Ds, the width of safety features (default: the head width).", default=None)
+    num_query_tokens: int = _help("Learned query tokens of the safety head (paper: 64).", default=64)
+    num_prefix_tokens: int = _help(
+        "Learned prefix safety tokens placed before the image embeddings in the LLM input "
+        "(paper: 64; 0 leaves the LLM input unchanged).",
+        default=64,
+    )
+    head_hidden_size: int | None = _help(
+        "Width of the safety head's attention (default: min(text hidden size, 1024)).", default=None
+    )
+    head_num_heads: int = _help("Attention heads in the safety head; must divide head_hidden_size.", default=8)
+    head_num_layers: int = _help("Cross-attention layers in the safety head.", default=2)
+    head_use_prompt: bool = _help(
+        "Let the head attend over the prompt's token embeddings as well as the safety features.", default=True
+    )
+    dropout: float = _help("Dropout in the safety projector and head, in [0, 1).", default=0.1)
+
+    # -- loss -------------------------------------------------------------------------------
+    cls_loss_weight: float = _help("w_cls: weight of CE_level + CE_type (paper: 10).", default=10.0)
+    lm_loss_weight: float = _help("w_lm: weight of the LM loss; 0 skips the LLM in training.", default=1.0)
+
+    # -- from the base (filled by from_base_config) ------------------------------------------
+    base_model_type: str = _help("model_type of the base config, e.g. 'llava'.", default="llava")
+    vision_hidden_size: int = _help("Width of the selected vision features (Dv).", default=0)
+    text_hidden_size: int = _help("Width of the language model's token embeddings (D).", default=0)
+    num_image_features: int = _help("N, image features per image after feature selection.", default=0)
+    vision_feature_layer: int | list[int] = _help("Vision layer(s) the features come from.", default=-2)
+    vision_feature_select_strategy: str = _help("'default' drops the CLS feature, 'full' keeps it.", default="default")
+    image_token_id: int = _help("Token id of the image placeholder in input_ids.", default=-1)
+
+    def __post_init__(self):
+        self.type_names = list(self.type_names)
+        self.level_names = list(self.level_names)
+        self.taxonomy  # validates names
+        if self.projector_kind not in PROJECTOR_KINDS:
+            raise ValueError(
+                f"unknown projector_kind {self.projector_kind!r}; allowed: {', '.join(PROJECTOR_KINDS)}"
+            )
+        if self.projector_kind == "cabstractor":
+            if self.num_safety_tokens is None:
+                self.num_safety_tokens = 64
+            side = math.isqrt(self.num_safety_tokens)
+            if self.num_safety_tokens < 1 or side * side != self.num_safety_tokens:
+                raise ValueError(
+                    f"cabstractor needs a square num_safety_tokens (e.g. 16, 64, 144), got {self.num_safety_tokens}"
+                )
+        elif self.num_safety_tokens is not None and self.num_image_features and (
+            self.num_safety_tokens != self.num_image_features
+        ):
+            raise ValueError(
+                f"the 'mlp' projector keeps all {self.num_image_features} image features; "
+                f"num_safety_tokens={self.num_safety_tokens} needs projector_kind='cabstractor'"
+            )
+        for name in ("num_query_tokens", "head_num_heads", "head_num_layers", "cabstractor_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.cls_loss_weight < 0 or self.lm_loss_weight < 0:
+            raise ValueError(
+                f"loss weights must be >= 0, got cls_loss_weight={self.cls_loss_weight}, "
+                f"lm_loss_weight={self.lm_loss_weight}"
+            )
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
+            )
+        if self.text_hidden_size and self.head_hidden_size is None:
+            self.head_hidden_size = min(self.text_hidden_size, 1024)
+        if self.head_hidden_size is not None:
+            if self.head_hidden_size % self.head_num_heads:
+                raise ValueError(
+                    f"head_hidden_size {self.head_hidden_size} is not divisible by head_num_heads {self.head_num_heads}"
+                )
+            if self.safety_dim is None:
+                self.safety_dim = self.head_hidden_size
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return Taxonomy(tuple(self.type_names), tuple(self.level_names), self.safe_type)
+
+    @property
+    def num_types(self) -> int:
+        return len(self.type_names)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_names)
+
+    @property
+    def num_safety_features(self) -> int:
+        """M: safety features per image that the projector outputs."""
+        return self.num_safety_tokens if self.projector_kind == "cabstractor" else self.num_image_features
+
+    def is_bound(self) -> bool:
+        """True once the base-model fields have been filled in."""
+        return self.vision_hidden_size > 0 and self.text_hidden_size > 0 and self.num_image_features > 0
+
+    def base_signature(self) -> dict:
+        """The base-model facts an adapter depends on."""
+        return {
+            "base_model_type": self.base_model_type,
+            "vision_hidden_size": self.vision_hidden_size,
+            "text_hidden_size": self.text_hidden_size,
+            "num_image_features": self.num_image_features,
+        }
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_base_config(cls, base_config, **overrides) -> "SafetyConfig":
+        """Fill the base-model fields from a Hugging Face VLM config (``LlavaConfig``)."""
+        from safevlm.backbones import get_backbone_class
+
+        backbone_cls = get_backbone_class(base_config)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(
+                f"unknown SafetyConfig field(s) {sorted(unknown)}; allowed: {sorted(f.name for f in fields(cls))}"
+            )
+        return cls(**{**backbone_cls.config_facts(base_config), **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "SafetyConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{source}: unknown SafetyConfig field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``safety_config.json`` atomically (temp file + rename)."""
+        path = Path(directory) / CONFIG_NAME
+        tmp = path.with_name(CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SafetyConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a safety adapter folder")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON ({err})") from err
+        return cls.from_dict(data, source=str(path))
+
+
+__all__ = ["CONFIG_NAME", "PROJECTOR_KINDS", "SafetyConfig"]

@@ -1,0 +1,437 @@
+"""`SafeVLM`: a Hugging Face VLM plus safety projector, safety head and prefix safety tokens.
+
+The base model is held by composition and never modified: its weights and checkpoint keys
+stay as they are, and the adapter saved by :meth:`SafeVLM.save_pretrained` holds only the
+safety modules (plus, after stage 2, a LoRA adapter in peft's own format under ``lora/``).
+
+One vision pass per image feeds the base projector, the safety projector and generation::
+
+    V = vision_tower(pixels)                  # (B, N, Dv), once
+    image_embeds = base_projector(V)          # (B, N, D)  -> LLM input
+    S = safety_projector(V)                   # (B, M, Ds) -> safety head
+    [level, type] = head(queries; [S ; prompt token embeddings])
+    LLM([text before image ; P prefix tokens ; image_embeds ; text after])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safevlm.backbones import get_backbone
+from safevlm.config import SafetyConfig
+from safevlm.modules import PrefixSafetyTokens, SafetyHead, build_safety_projector
+
+WEIGHTS_NAME = "safety_model.safetensors"
+LORA_DIR = "lora"
+
+
+@dataclass
+class SafeVLMOutput:
+    """Outputs of :meth:`SafeVLM.forward`.
+
+    logits (B, L+P, vocab) or None when the LLM was skipped; level_logits (B, num_levels);
+    type_logits (B, num_types); losses are scalars or None.
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    level_loss: torch.Tensor | None = None
+    type_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    level_logits: torch.Tensor | None = None
+    type_logits: torch.Tensor | None = None
+
+    def __getitem__(self, key):  # Trainer reads outputs["loss"]
+        return getattr(self, key)
+
+    def keys(self):
+        return [k for k in self.__dataclass_fields__ if getattr(self, k) is not None]
+
+
+@dataclass
+class GuardOutput:
+    """Outputs of :meth:`SafeVLM.guard`: probabilities (B, num_levels) / (B, num_types), the
+    argmax ids (B,), and the vision features (num_images, N, Dv) for reuse in generation."""
+
+    level_logits: torch.Tensor
+    type_logits: torch.Tensor
+    level_probs: torch.Tensor
+    type_probs: torch.Tensor
+    risk_level: torch.LongTensor
+    risk_type: torch.LongTensor
+    vision_features: torch.Tensor | None = None
+
+
+class SafeVLM(nn.Module):
+    """A base VLM wrapped with safety modules.
+
+    Args:
+        base_model: a loaded ``LlavaForConditionalGeneration`` (or a peft model around one).
+        config: a bound :class:`SafetyConfig`; by default built from the base's config.
+    """
+
+    def __init__(self, base_model: nn.Module, config: SafetyConfig | None = None, **config_overrides):
+        super().__init__()
+        self.backbone = get_backbone(base_model)
+        if config is None:
+            config = SafetyConfig.from_base_config(self.backbone.config, **config_overrides)
+        elif config_overrides:
+            raise ValueError("pass either a SafetyConfig or field overrides, not both")
+        check_base_signature(config, self.backbone.config, source="safety config")
+        self.config = config
+        self.base_model = base_model
+        self.safety_projector = build_safety_projector(config)
+        self.safety_head = SafetyHead(config)
+        self.prefix_tokens = PrefixSafetyTokens(config)
+        ref = self.backbone.lm_head.weight
+        self.safety_projector.to(device=ref.device)
+        self.safety_head.to(device=ref.device)
+        self.prefix_tokens.to(device=ref.device)
+
+    # -- parameters ------------------------------------------------------------------------------
+    SAFETY_MODULES = ("safety_projector", "safety_head", "prefix_tokens")
+
+    def safety_named_parameters(self):
+        for module_name in self.SAFETY_MODULES:
+            for name, param in getattr(self, module_name).named_parameters():
+                yield f"{module_name}.{name}", param
+
+    def safety_parameters(self) -> list[nn.Parameter]:
+        """All safety-module parameters (projector, head with its queries, prefix tokens)."""
+        return [p for _, p in self.safety_named_parameters()]
+
+    def safety_state_dict(self) -> dict[str, torch.Tensor]:
+        """Safety weights and buffers only (never base weights)."""
+        state = {}
+        for module_name in self.SAFETY_MODULES:
+            for name, tensor in getattr(self, module_name).state_dict().items():
+                state[f"{module_name}.{name}"] = tensor
+        return state
+
+    def freeze_base(self) -> "SafeVLM":
+        """Freeze every base parameter and make the safety modules trainable (stage 1)."""
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        for param in self.safety_parameters():
+            param.requires_grad_(True)
+        return self
+
+    def count_parameters(self) -> dict:
+        """Parameter counts: base, safety per module, safety total."""
+        modules = {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in self.SAFETY_MODULES}
+        safety = sum(modules.values())
+        return {"base_params": sum(p.numel() for p in self.base_model.parameters()), "safety_params": safety, "modules": modules}
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision features V (num_images, N, Dv) from one pass of the vision tower."""
+        return self.backbone.vision_features(pixel_values)
+
+    def _vision(self, pixel_values, vision_features):
+        if vision_features is not None:
+            return vision_features
+        if pixel_values is None:
+            return None
+        return self.encode_images(pixel_values)
+
+    def _check_images(self, input_ids, vision_features):
+        image_mask = input_ids == self.config.image_token_id
+        n_tokens = int(image_mask.sum())
+        if vision_features is None:
+            if n_tokens:
+                raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
+            return image_mask
+        n_images, n_per_image = vision_features.shape[:2]
+        if n_per_image != self.config.num_image_features:
+            raise ValueError(
+                f"got {n_per_image} vision features per image but the base gives {self.config.num_image_features}"
+            )
+        if n_images != input_ids.shape[0]:
+            raise ValueError(
+                f"the safety head needs exactly one image per sample; got {n_images} images for {input_ids.shape[0]} samples"
+            )
+        per_sample = image_mask.sum(dim=1)
+        if n_tokens != n_images * n_per_image or bool((per_sample != n_per_image).any()):
+            raise ValueError(
+                f"got {n_images * n_per_image} image features ({n_images} images x {n_per_image}) but "
+                f"{n_tokens} image tokens in input_ids (per sample: {per_sample.tolist()}); "
+                "expand each <image> placeholder to the number of image features (the processor does this)"
+            )
+        return image_mask
+
+    def prompt_mask(self, input_ids, attention_mask, labels=None) -> torch.Tensor:
+        """Tokens the head reads (B, L): attended, not image placeholders, not supervised answer
+        tokens (so an answer never leaks its own label into the head)."""
+        mask = input_ids != self.config.image_token_id
+        if attention_mask is not None:
+            mask &= attention_mask.bool()
+        if labels is not None:
+            mask &= labels == -100
+        return mask
+
+    def _head(self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None):
+        safety_features = None if vision_features is None else self.safety_projector(
+            vision_features.to(self.safety_projector_dtype)
+        )
+        if token_embeds is None and self.config.head_use_prompt:
+            token_embeds = self.backbone.embed_tokens(input_ids)
+        return self.safety_head(
+            safety_features, token_embeds, self.prompt_mask(input_ids, attention_mask, labels)
+        )
+
+    @property
+    def safety_projector_dtype(self):
+        return next(self.safety_projector.parameters()).dtype
+
+    def build_inputs_embeds(self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None):
+        """LLM inputs with image embeds scattered in and prefix tokens inserted before the first
+        image token (or the first attended token when there is no image).
+
+        Returns (inputs_embeds (B, L+P, D), attention_mask (B, L+P), labels (B, L+P) or None).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_mask = self._check_images(input_ids, vision_features)
+        embeds = self.backbone.embed_tokens(input_ids) if token_embeds is None else token_embeds
+        if vision_features is not None:
+            image_embeds = self.backbone.project_image_features(vision_features).to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
+        has_image = image_mask.any(dim=1)
+        anchor = torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
+        return self.prefix_tokens.insert(embeds, attention_mask, anchor, labels)
+
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.LongTensor:
+        """Positions counted over attended tokens, as Hugging Face generation does."""
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 1)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        risk_level: torch.LongTensor | None = None,
+        risk_type: torch.LongTensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        compute_lm: bool | None = None,
+        **unused,
+    ) -> SafeVLMOutput:
+        """LM logits, risk logits, and ``loss = w_lm * lm_loss + w_cls * (CE_level + CE_type)``.
+
+        input_ids (B, L), pixel_values (B, C, H, W) or precomputed vision_features (B, N, Dv),
+        attention_mask (B, L), labels (B, L) with -100 for unsupervised tokens, risk_level (B,),
+        risk_type (B,). ``compute_lm=False`` skips the language model (default: skipped only when
+        labels are given and the LM loss weight is 0).
+        """
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        vision_features = self._vision(pixel_values, vision_features)
+        if compute_lm is None:
+            compute_lm = not (labels is not None and cfg.lm_loss_weight == 0)
+        token_embeds = self.backbone.embed_tokens(input_ids)
+
+        head = self._head(input_ids, attention_mask, vision_features, labels, token_embeds)
+        out = SafeVLMOutput(level_logits=head.level_logits, type_logits=head.type_logits)
+        losses = []
+        if risk_level is not None:
+            out.level_loss = F.cross_entropy(head.level_logits.float(), risk_level.to(head.level_logits.device))
+        if risk_type is not None:
+            out.type_loss = F.cross_entropy(head.type_logits.float(), risk_type.to(head.type_logits.device))
+        cls_parts = [x for x in (out.level_loss, out.type_loss) if x is not None]
+        if cls_parts:
+            losses.append(cfg.cls_loss_weight * sum(cls_parts))
+
+        if compute_lm:
+            self._check_images(input_ids, vision_features)
+            embeds, mask, full_labels = self.build_inputs_embeds(
+                input_ids, attention_mask, vision_features, labels, token_embeds
+            )
+            out.logits = self.backbone.language_forward(embeds, mask, self.position_ids(mask))
+            if full_labels is not None:
+                shift_logits = out.logits[:, :-1].float()
+                shift_labels = full_labels[:, 1:].to(shift_logits.device)
+                if bool((shift_labels != -100).any()):
+                    out.lm_loss = F.cross_entropy(
+                        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+                    )
+                else:
+                    out.lm_loss = shift_logits.sum() * 0.0
+                if cfg.lm_loss_weight > 0:
+                    losses.append(cfg.lm_loss_weight * out.lm_loss)
+        if losses:
+            out.loss = sum(losses)
+        return out
+
+    # -- guard mode -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def guard(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> GuardOutput:
+        """Risk probabilities from the vision tower, safety projector and head only.
+
+        The language model is never called. ``input_ids`` may be None (image-only guard).
+        """
+        vision_features = self._vision(pixel_values, vision_features)
+        if input_ids is None or not self.config.head_use_prompt:
+            if vision_features is None:
+                raise ValueError("guard needs pixel_values/vision_features or input_ids")
+            safety_features = self.safety_projector(vision_features.to(self.safety_projector_dtype))
+            if input_ids is None:
+                head = self.safety_head(safety_features)
+            else:
+                head = self.safety_head(safety_features, None, None)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            head = self._head(input_ids, attention_mask, vision_features)
+        return GuardOutput(
+            level_logits=head.level_logits,
+            type_logits=head.type_logits,
+            level_probs=head.level_probs,
+            type_probs=head.type_probs,
+            risk_level=head.level_probs.argmax(dim=-1),
+            risk_type=head.type_probs.argmax(dim=-1),
+            vision_features=vision_features,
+        )
+
+    # -- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        **generation_kwargs,
+    ) -> torch.LongTensor:
+        """Generate with prefix tokens, one vision pass and the KV cache.
+
+        Returns only the new tokens (B, T_new), as ``generate`` does from ``inputs_embeds``.
+        Pass ``vision_features`` from :meth:`guard` to reuse that vision pass.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        vision_features = self._vision(pixel_values, vision_features)
+        embeds, mask, _ = self.build_inputs_embeds(input_ids, attention_mask, vision_features)
+        generation_kwargs.setdefault("use_cache", True)
+        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+
+    # -- save / load ---------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, save_lora: bool = True) -> Path:
+        """Write ``safety_config.json`` + ``safety_model.safetensors`` (safety weights only), and the
+        LoRA adapter under ``lora/`` when the base is a peft model. Files are written to a temp
+        name and renamed, so a kill never leaves a half-written file under the final name."""
+        from safetensors.torch import save_file
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.safety_state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "safevlm": "safety_adapter"})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        self.config.save(directory)
+        if save_lora and hasattr(self.base_model, "peft_config"):
+            self.base_model.save_pretrained(str(directory / LORA_DIR))
+        return directory
+
+    def load_safety_weights(self, adapter_dir: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(adapter_dir) / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
+        state = load_file(str(path))
+        own = self.safety_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        for key, tensor in state.items():
+            if tensor.shape != own[key].shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model has {tuple(own[key].shape)}")
+        for module_name in self.SAFETY_MODULES:
+            prefix = module_name + "."
+            getattr(self, module_name).load_state_dict(
+                {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike | nn.Module,
+        adapter_dir: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+        **config_overrides,
+    ) -> "SafeVLM":
+        """Load a base (folder or model) and, if given, a safety adapter folder onto it.
+
+        With no adapter, fresh safety modules are built (``config_overrides`` set their fields).
+        """
+        if isinstance(base, (str, os.PathLike)):
+            base = load_base_model(base, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        if device is not None:
+            base = base.to(device)
+        if adapter_dir is None:
+            model = cls(base, **config_overrides)
+        else:
+            adapter_dir = Path(adapter_dir)
+            config = SafetyConfig.load(adapter_dir)
+            if config_overrides:
+                raise ValueError("config overrides cannot change a saved adapter's config")
+            lora = adapter_dir / LORA_DIR
+            if lora.is_dir():
+                from peft import PeftModel
+
+                base = PeftModel.from_pretrained(base, str(lora))
+            check_base_signature(config, get_backbone(base).config, source=f"adapter {adapter_dir}")
+            model = cls(base, config)
+            model.load_safety_weights(adapter_dir)
+        ref = model.backbone.lm_head.weight
+        model.to(device=ref.device)
+        if torch_dtype is not None:
+            for name in cls.SAFETY_MODULES:
+                getattr(model, name).to(torch_dtype)
+        model.eval()
+        return model
+
+
+def check_base_signature(config: SafetyConfig, base_config, source: str) -> None:
+    """Refuse safety modules made for a base of another shape, naming every difference."""
+    expected = SafetyConfig.from_base_config(base_config).base_signature()
+    got = config.base_signature()
+    if got != expected:
+        diff = ", ".join(f"{k}: {got[k]} here vs {expected[k]} in the base" for k in got if got[k] != expected[k])
+        raise ValueError(f"{source} was made for a base of another shape ({diff})")
+
+
+def load_base_model(path: str | os.PathLike, torch_dtype=None, trust_remote_code: bool = False) -> nn.Module:
+    """Load a base VLM from a local folder (no hub downloads unless the path is a hub id and
+    the environment allows it)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    from safevlm.backbones import get_backbone_class
+
+    get_backbone_class(config)  # clear error for unsupported families before loading weights
+    return LlavaForConditionalGeneration.from_pretrained(
+        str(path), torch_dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
+
+
+__all__ = ["GuardOutput", "SafeVLM", "SafeVLMOutput", "load_base_model"]

@@ -1,0 +1,209 @@
+"""The embedded default: a tiny LLaVA built offline in seconds.
+
+No weights can be downloaded on the project's machines, so every command can run on a model
+built here from configs: a CLIP-style vision tower, a Llama-style language model, a byte-level
+BPE tokenizer trained locally (with an ``<image>`` token and a LLaVA-1.5-style chat template)
+and a ``LlavaProcessor``. ``safevlm tiny build --out DIR`` saves it as a normal Hugging Face
+folder that ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor`` load back.
+
+Presets:
+
+* ``test``: hidden 32, 2 layers, 16-px images with 4-px patches (16 image features) — for unit tests.
+* ``default``: vision 128 x 4 layers, text 256 x 4 layers, 112-px images with 16-px patches
+  (49 image features), ~5M parameters — trains at ~2,000 samples/min on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+
+# LLaVA-1.5 conversation format: "SYSTEM USER: <image>\n{prompt} ASSISTANT: {answer}</s>".
+# A system message is plain text before the first turn, as in llava-1.5's own prompts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set texts = [message['content']] %}{% set n_images = 0 %}"
+    "{% else %}{% set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list %}"
+    "{% set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length %}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ texts | join(' ') }}{{ ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}{% for _ in range(n_images) %}{{ '<image>\n' }}{% endfor %}"
+    "{{ texts | join(' ') }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ ' ' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# A small English corpus so the tokenizer has sensible merges; the synthetic safety data's
+# own texts are added when safevlm.data.synth is available.
+_BASE_CORPUS = """
+USER: ASSISTANT: What is shown in the image? Describe the picture. What colour is the shape?
+The image shows a red circle on a white background. A blue square. A green triangle. A yellow star.
+There is a cat, a coffee cup, a rocket, an astronaut, a camera man, a horse, a coin, a moon.
+I am sorry, but I can't help with that request. This request may be harmful. Please be careful.
+I cannot assist with illegal activity, violence, harassment, discrimination or privacy violations.
+Here is a safe and helpful answer. The answer is yes. The answer is no. It is a photo of a landscape.
+The image shows a list numbered 1, 2, and 3, but the items are empty. Please generate detailed content for each item.
+Steps to do something. Methods to make something. How can someone do this? Explain the text in the image.
+politics illegal insult bullying fairness privacy misleading safe risk level low medium high serious
+""".strip().splitlines()
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+PRESETS = {
+    "test": TinyPreset(16, 4, 32, 2, 4, 32, 2, 4, 64, 512, 512),
+    "default": TinyPreset(112, 16, 128, 4, 4, 256, 4, 4, 688, 2048, 1024),
+}
+
+
+def _corpus(extra: tuple[str, ...] = ()) -> list[str]:
+    texts = list(_BASE_CORPUS)
+    try:
+        from safevlm.data.synth import corpus_texts
+    except ImportError:  # the data package is optional for the tokenizer
+        corpus_texts = None
+    if corpus_texts is not None:
+        texts.extend(corpus_texts())
+    texts.extend(extra)
+    return texts
+
+
+@functools.lru_cache(maxsize=8)
+def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = ()):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(extra_texts), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=[IMAGE_TOKEN],
+        model_input_names=["input_ids", "attention_mask"],
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_processor(preset: str | TinyPreset = "test", tokenizer=None):
+    """A ``LlavaProcessor`` (CLIP image processor + tiny tokenizer + chat template)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(p.vocab_size)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": p.image_size},
+        crop_size={"height": p.image_size, "width": p.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def build_config(preset: str | TinyPreset = "test", tokenizer=None):
+    """A ``LlavaConfig`` for the preset, with token ids from the tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(p.vocab_size)
+    vision = CLIPVisionConfig(
+        hidden_size=p.vision_hidden,
+        intermediate_size=4 * p.vision_hidden,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=p.text_hidden,
+        intermediate_size=p.text_intermediate,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_heads,
+        max_position_embeddings=p.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(p.image_size // p.patch_size) ** 2,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def build_tiny(preset: str = "test", seed: int = 0):
+    """Build (model, processor) for a preset; the model's weights are random from ``seed``."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    processor = build_processor(preset)
+    config = build_config(preset, processor.tokenizer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    model.eval()
+    return model, processor
+
+
+def save_tiny(out_dir: str | Path, preset: str = "default", seed: int = 0) -> Path:
+    """Build and save the tiny model and processor as a Hugging Face folder."""
+    model, processor = build_tiny(preset, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+__all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "PRESETS", "TinyPreset", "build_config", "build_processor", "build_tiny", "build_tokenizer", "save_tiny"]

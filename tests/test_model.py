@@ -1,0 +1,247 @@
+"""SafeVLM: transparency, one vision pass, padding invariance, freezing, save/load, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_inputs
+
+from safevlm.config import SafetyConfig
+from safevlm.model import SafeVLM
+
+PROMPTS = ["What is shown in the image?", "Describe it."]
+
+
+def test_transparency_without_prefix_tokens(tiny):
+    base, processor = tiny
+    model = SafeVLM(base, num_prefix_tokens=0, head_num_heads=4).eval()
+    inputs = make_inputs(processor, ["What is shown in the image?"])
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        theirs = base(**inputs).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_prefix_tokens_lengthen_the_sequence_and_change_logits(tiny, safe_model):
+    base, processor = tiny
+    inputs = make_inputs(processor, PROMPTS)
+    with torch.no_grad():
+        ours = safe_model(**inputs).logits
+        theirs = base(**inputs).logits
+    assert ours.shape[1] == theirs.shape[1] + 4
+    # the last position sees the prefix tokens, so its logits differ from the base
+    assert (ours[:, -1] - theirs[:, -1]).abs().max().item() > 1e-4
+
+
+def test_prefix_tokens_sit_right_before_the_first_image_token(safe_model, tiny_processor):
+    inputs = make_inputs(tiny_processor, PROMPTS)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = torch.arange(ids.numel()).view_as(ids)
+    embeds, new_mask, new_labels = safe_model.build_inputs_embeds(ids, mask, safe_model.encode_images(inputs["pixel_values"]), labels)
+    prefix = safe_model.prefix_tokens.embeddings
+    image_id = safe_model.config.image_token_id
+    for b in range(ids.shape[0]):
+        first = int((ids[b] == image_id).nonzero()[0])
+        assert torch.equal(embeds[b, first:first + 4], prefix)
+        assert (new_labels[b, first:first + 4] == -100).all()
+        assert torch.equal(new_labels[b, :first], labels[b, :first])
+        assert torch.equal(new_labels[b, first + 4:], labels[b, first:])
+        assert new_mask[b, first:first + 4].all()
+    assert int(new_mask.sum()) == int(mask.sum()) + 4 * ids.shape[0]
+
+
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_vision_tower_runs_once_per_forward_and_generate(safe_model, tiny_processor):
+    inputs = make_inputs(tiny_processor, PROMPTS)
+    calls, handle = _count_calls(safe_model.backbone.vision_tower)
+    try:
+        with torch.no_grad():
+            safe_model(**inputs, risk_level=torch.tensor([0, 1]), risk_type=torch.tensor([6, 1]))
+        assert len(calls) == 1
+        calls.clear()
+        out = safe_model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert len(calls) == 1
+        assert out.shape[0] == 2 and 1 <= out.shape[1] <= 4
+    finally:
+        handle.remove()
+
+
+def test_guard_never_calls_the_language_model(safe_model, tiny_processor):
+    inputs = make_inputs(tiny_processor, PROMPTS)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the language model was called in guard mode")
+
+    lm_handle = safe_model.backbone.language_model.register_forward_pre_hook(boom)
+    head_handle = safe_model.backbone.lm_head.register_forward_pre_hook(boom)
+    calls, vision_handle = _count_calls(safe_model.backbone.vision_tower)
+    try:
+        out = safe_model.guard(**inputs)
+    finally:
+        lm_handle.remove()
+        head_handle.remove()
+        vision_handle.remove()
+    assert len(calls) == 1
+    assert out.level_probs.shape == (2, 4) and out.type_probs.shape == (2, 7)
+    torch.testing.assert_close(out.level_probs.sum(-1), torch.ones(2))
+    torch.testing.assert_close(out.type_probs.sum(-1), torch.ones(2))
+
+
+def test_guard_matches_forward_head_logits(safe_model, tiny_processor):
+    inputs = make_inputs(tiny_processor, PROMPTS)
+    with torch.no_grad():
+        full = safe_model(**inputs)
+    guard = safe_model.guard(**inputs)
+    torch.testing.assert_close(full.level_logits, guard.level_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(full.type_logits, guard.type_logits, atol=1e-6, rtol=0)
+
+
+def test_head_is_padding_invariant(safe_model, tiny_processor):
+    short = "Hi?"
+    long = "Please describe every object you can see in this picture in great detail."
+    alone = make_inputs(tiny_processor, [short])
+    batch = make_inputs(tiny_processor, [short, long])
+    assert batch["input_ids"].shape[1] > alone["input_ids"].shape[1]  # the short one is padded
+    a = safe_model.guard(**alone)
+    b = safe_model.guard(**batch)
+    assert (a.level_logits[0] - b.level_logits[0]).abs().max().item() <= 1e-5
+    assert (a.type_logits[0] - b.type_logits[0]).abs().max().item() <= 1e-5
+
+
+def test_answer_tokens_are_hidden_from_the_head(safe_model, tiny_processor):
+    inputs = make_inputs(tiny_processor, ["What is it?"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = torch.full_like(ids, -100)
+    labels[0, -3:] = ids[0, -3:]
+    prompt = safe_model.prompt_mask(ids, mask, labels)
+    assert not prompt[0, -3:].any()
+    assert not prompt[ids == safe_model.config.image_token_id].any()
+    assert int(prompt.sum()) == int(mask.sum()) - 3 - int((ids == safe_model.config.image_token_id).sum())
+
+
+def test_freeze_base_gives_gradients_to_safety_parameters_only(tiny):
+    base, processor = tiny
+    model = SafeVLM(base, num_prefix_tokens=4, num_query_tokens=4, head_num_heads=4).freeze_base()
+    inputs = make_inputs(processor, PROMPTS)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -3:] = inputs["input_ids"][:, -3:]  # supervise the last tokens; the rest is prompt
+    out = model(**inputs, labels=labels, risk_level=torch.tensor([0, 3]), risk_type=torch.tensor([6, 1]))
+    torch.testing.assert_close(out.loss, model.config.lm_loss_weight * out.lm_loss
+                               + model.config.cls_loss_weight * (out.level_loss + out.type_loss))
+    out.loss.backward()
+    safety = {id(p) for p in model.safety_parameters()}
+    try:
+        for name, p in model.named_parameters():
+            if id(p) in safety:
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+            else:
+                assert not p.requires_grad and p.grad is None, name
+    finally:
+        for p in base.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+
+
+def test_zero_lm_weight_skips_the_language_model(tiny):
+    base, processor = tiny
+    model = SafeVLM(base, num_prefix_tokens=4, num_query_tokens=4, head_num_heads=4, lm_loss_weight=0.0)
+    inputs = make_inputs(processor, PROMPTS)
+    handle = model.backbone.language_model.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(AssertionError))
+    try:
+        out = model(**inputs, labels=inputs["input_ids"], risk_level=torch.tensor([0, 3]), risk_type=torch.tensor([6, 1]))
+    finally:
+        handle.remove()
+    assert out.logits is None and out.lm_loss is None
+    torch.testing.assert_close(out.loss, model.config.cls_loss_weight * (out.level_loss + out.type_loss))
+
+
+def test_save_load_round_trip_holds_only_safety_weights(tmp_path, tiny, safe_model):
+    from safetensors import safe_open
+
+    base, processor = tiny
+    with torch.no_grad():  # make weights non-trivial so a missed load would show
+        for p in safe_model.safety_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    safe_model.save_pretrained(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["safety_config.json", "safety_model.safetensors"]
+    with safe_open(str(tmp_path / "safety_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.split(".")[0] in SafeVLM.SAFETY_MODULES for k in keys)
+    base_keys = set(base.state_dict())
+    assert not base_keys & set(keys)
+    base_numel = sum(p.numel() for p in base.parameters())
+    saved_numel = sum(t.numel() for t in safe_model.safety_state_dict().values())
+    assert saved_numel < base_numel
+    assert json.loads((tmp_path / "safety_config.json").read_text())["num_prefix_tokens"] == 4
+
+    loaded = SafeVLM.from_pretrained(base, tmp_path)
+    inputs = make_inputs(processor, PROMPTS)
+    with torch.no_grad():
+        a, b = safe_model(**inputs), loaded(**inputs)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.level_logits, b.level_logits) and torch.equal(a.type_logits, b.type_logits)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, safe_model):
+    from safevlm.tiny import build_config, build_processor
+    from transformers import LlavaForConditionalGeneration
+
+    safe_model.save_pretrained(tmp_path)
+    config = build_config("test", build_processor("test").tokenizer)
+    config.text_config.hidden_size = 48
+    other = LlavaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="text_hidden_size: 32 here vs 48 in the base"):
+        SafeVLM.from_pretrained(other, tmp_path)
+
+
+def test_mismatched_image_tokens_raise_with_numbers(safe_model, tiny_processor):
+    inputs = make_inputs(tiny_processor, ["What is it?"])
+    ids = inputs["input_ids"].clone()
+    first = int((ids[0] == safe_model.config.image_token_id).nonzero()[0])
+    ids[0, first] = 5  # one image token fewer
+    with pytest.raises(ValueError, match=r"got 16 image features .* but 15 image tokens"):
+        safe_model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"])
+
+
+def test_unknown_projector_kind_and_bad_config_values(tiny):
+    with pytest.raises(ValueError, match="unknown projector_kind 'resampler'; allowed: mlp, cabstractor"):
+        SafeVLM(tiny[0], projector_kind="resampler")
+    with pytest.raises(ValueError, match="square num_safety_tokens"):
+        SafetyConfig(projector_kind="cabstractor", num_safety_tokens=10)
+    with pytest.raises(ValueError, match="dropout"):
+        SafetyConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="unknown SafetyConfig field"):
+        SafeVLM(tiny[0], num_prefix_token=3)
+
+
+def test_unsupported_base_family_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match="unsupported base model family 'llama'; supported: llava"):
+        SafeVLM(lm)
+
+
+def test_cabstractor_projector_pools_to_a_square_grid(tiny):
+    model = SafeVLM(tiny[0], projector_kind="cabstractor", num_safety_tokens=4, num_prefix_tokens=2, head_num_heads=4).eval()
+    features = torch.randn(3, 16, 32)
+    assert model.safety_projector(features).shape == (3, 4, 32)
+    out = model.guard(input_ids=None, vision_features=features)
+    assert out.type_probs.shape == (3, 7)
+
+
+def test_batched_generate_matches_single_with_prefix_tokens(safe_model, tiny_processor):
+    batch = make_inputs(tiny_processor, PROMPTS)
+    single = make_inputs(tiny_processor, [PROMPTS[1]], seed=1)
+    out_batch = safe_model.generate(**batch, max_new_tokens=5, do_sample=False)
+    out_single = safe_model.generate(**single, max_new_tokens=5, do_sample=False)
+    n = out_single.shape[1]
+    assert torch.equal(out_batch[1, :n], out_single[0])
