@@ -9,8 +9,12 @@ import sys
 # Each module in safevlm.commands defines ``register(subparsers)``, which adds its parser
 # and sets ``func`` to a ``command(args) -> int | None`` function. Keep the list sorted.
 COMMAND_MODULES: tuple[str, ...] = (
+    "chat",
+    "classify",
+    "data",
     "demo",
     "params",
+    "serve",
     "tiny",
 )
 

@@ -330,6 +330,14 @@ class SafeVLM(nn.Module):
         generation_kwargs.setdefault("use_cache", True)
         return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
 
+    def generate_guarded(self, images, prompts, policy=None, processor=None, **generation_kwargs):
+        """Classify, apply a :class:`~safevlm.policy.Policy` and generate in one vision pass;
+        see :func:`safevlm.guarded.generate_guarded` (returns a list of ``GuardedResult``)."""
+        from safevlm.guarded import generate_guarded, processor_for
+
+        processor = processor if processor is not None else processor_for(self)
+        return generate_guarded(self, processor, images, prompts, policy, **generation_kwargs)
+
     # -- save / load ---------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, save_lora: bool = True) -> Path:
         """Write ``safety_config.json`` + ``safety_model.safetensors`` (safety weights only), and the

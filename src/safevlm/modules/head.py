@@ -67,6 +67,9 @@ class SafetyHead(nn.Module):
             [_CrossAttentionLayer(width, config.head_num_heads, config.dropout) for _ in range(config.head_num_layers)]
         )
         self.norm_out = nn.LayerNorm(width)
+        # A masked mean of the keys beside the query summary: a direct path that trains fast,
+        # while the attention layers add capacity.
+        self.norm_pool = nn.LayerNorm(width)
         self.level_classifier = nn.Linear(width, config.num_levels)
         self.type_classifier = nn.Linear(width, config.num_types)
         # Temperature scaling (set by calibration); saved with the adapter.
@@ -106,7 +109,9 @@ class SafetyHead(nn.Module):
         x = self.queries.unsqueeze(0).expand(keys.shape[0], -1, -1).to(keys.dtype)
         for layer in self.layers:
             x = layer(x, keys, key_mask)
-        pooled = self.norm_out(x).mean(dim=1)
+        weights = key_mask.to(keys.dtype).unsqueeze(-1)
+        key_mean = (keys * weights).sum(dim=1) / weights.sum(dim=1)
+        pooled = self.norm_out(x).mean(dim=1) + self.norm_pool(key_mean)
         level_logits = self.level_classifier(pooled)
         type_logits = self.type_classifier(pooled)
         return SafetyHeadOutput(

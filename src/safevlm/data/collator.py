@@ -1,0 +1,247 @@
+"""Training collator: records -> padded LLaVA inputs with assistant-only labels and risk labels.
+
+:class:`SafetyCollator` turns a list of :class:`~safevlm.data.records.SafetyRecord` into the
+standard LLaVA batch (``input_ids``, ``attention_mask``, ``pixel_values``) plus ``labels``
+(``-100`` everywhere except the assistant turns, including their end-of-turn token) and the
+risk labels the safety head is trained on (``risk_level``, ``risk_type``).
+
+How it works, so that it holds for any chat template (the tiny default's and
+``llava-hf/llava-1.5-7b-hf``'s alike, without ``{% generation %}`` markers):
+
+1. the record becomes HF multimodal messages (:func:`build_messages`) and is rendered with
+   ``processor.apply_chat_template(..., tokenize=False)``;
+2. each assistant turn's character span is found by rendering the prefix before it (with
+   the generation prompt) and the prefix including it: the turn is what lies in between;
+3. if the template does not end assistant turns with the tokenizer's EOS (llava-1.5-hf's
+   does not), EOS is appended to each assistant turn, as in LLaVA's own training data;
+4. the image placeholder is expanded to the number of image features exactly as
+   ``LlavaProcessor`` does, and the text is tokenised once with offsets; tokens inside the
+   assistant spans keep their ids as labels.
+
+The model inserts the prefix safety tokens itself, so the batch stays standard LLaVA;
+``num_prefix_tokens`` only counts against ``max_length``. Text is truncated from the right;
+image tokens are never cut (a ``ValueError`` with the numbers says when they cannot fit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from safevlm.data.images import open_image
+from safevlm.data.records import SafetyRecord, strip_image_placeholder
+
+IGNORE_INDEX = -100
+TRAIN_ON: tuple[str, ...] = ("assistant", "last_assistant")
+
+
+def build_messages(record: SafetyRecord, system: str | None = None) -> list[dict]:
+    """HF multimodal chat messages for a record.
+
+    The image (if any) is an ``{"type": "image"}`` item placed first in the first user turn;
+    ``<image>`` placeholders in the source text are removed. ``system`` adds a system turn
+    before the record's own turns.
+    """
+    messages: list[dict] = []
+    if system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    image_placed = False
+    for turn in record.turns:
+        content: list[dict] = []
+        if turn.role == "user" and record.image is not None and not image_placed:
+            content.append({"type": "image"})
+            image_placed = True
+        content.append({"type": "text", "text": strip_image_placeholder(turn.text)})
+        messages.append({"role": turn.role, "content": content})
+    return messages
+
+
+class SafetyCollator:
+    """Collate :class:`SafetyRecord` s into a LLaVA training batch with risk labels.
+
+    Args:
+        processor: a ``LlavaProcessor``-like object (``tokenizer``, ``image_processor``,
+            ``apply_chat_template``, ``patch_size``, ``num_additional_image_tokens``,
+            ``vision_feature_select_strategy``, ``image_token``). Needs a fast tokenizer.
+        max_length: cap on text + image tokens + ``num_prefix_tokens`` per sample (None: no cap).
+        num_prefix_tokens: prefix safety tokens the model will insert (counted, not inserted).
+        image_root: folder that records' relative image paths are resolved against.
+        train_on: ``"assistant"`` (every assistant turn) or ``"last_assistant"``.
+        system: optional system message put before every conversation.
+
+    ``__call__(records)`` returns a dict of tensors:
+
+    * ``input_ids``, ``attention_mask``, ``labels``: ``(B, L)`` long; padding on the tokenizer's
+      ``padding_side``; labels are ``-100`` outside assistant turns and on padding;
+    * ``pixel_values``: ``(N_img, 3, H, W)`` float, one per record that has an image, in batch
+      order (absent when no record in the batch has an image);
+    * ``risk_level``, ``risk_type``: ``(B,)`` long.
+    """
+
+    def __init__(
+        self,
+        processor,
+        max_length: int | None = None,
+        num_prefix_tokens: int = 0,
+        image_root: "str | os.PathLike | None" = None,
+        train_on: str = "assistant",
+        system: str | None = None,
+    ):
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        if max_length is not None and max_length <= num_prefix_tokens:
+            raise ValueError(f"max_length {max_length} leaves no room beside {num_prefix_tokens} prefix tokens")
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("processor has no tokenizer; pass a LlavaProcessor (AutoProcessor.from_pretrained)")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("SafetyCollator needs a fast tokenizer (it uses return_offsets_mapping)")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to tokenizer.unk_token)")
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.num_prefix_tokens = num_prefix_tokens
+        self.image_root = image_root
+        self.train_on = train_on
+        self.system = system
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {self.image_token!r} token")
+
+    # ----------------------------------------------------------------- helpers
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Image features per image for ``height`` x ``width`` pixel values (LlavaProcessor's rule)."""
+        patch_size = getattr(self.processor, "patch_size", None)
+        if patch_size is None:  # legacy processors leave expansion to the model
+            return 1
+        n = (height // patch_size) * (width // patch_size) + int(
+            getattr(self.processor, "num_additional_image_tokens", 0) or 0
+        )
+        if getattr(self.processor, "vision_feature_select_strategy", None) == "default":
+            n -= 1
+        return n
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _spans(self, messages: list[dict], record_id: str) -> tuple[str, list[tuple[int, int]]]:
+        """Rendered text and the character spans of the assistant turns (end-of-turn included)."""
+        full = self._render(messages, add_generation_prompt=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant" or i == 0:
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True)
+            upto = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise ValueError(
+                    f"record {record_id!r}: the chat template does not render conversation prefixes as prefixes "
+                    f"of the full text, so assistant turn {i} cannot be located"
+                )
+            answer = upto[len(before) :]
+            spans.append((len(before), len(before) + len(answer.rstrip())))
+        # append EOS where the template does not end assistant turns with it (llava-1.5-hf)
+        eos = self.tokenizer.eos_token
+        if eos and spans:
+            pieces, cursor, shift, fixed = [], 0, 0, []
+            for start, end in spans:
+                if full[start:end].endswith(eos):
+                    fixed.append((start + shift, end + shift))
+                    continue
+                pieces += [full[cursor:end], eos]
+                cursor = end
+                fixed.append((start + shift, end + shift + len(eos)))
+                shift += len(eos)
+            full, spans = "".join(pieces) + full[cursor:], fixed
+        return full, spans
+
+    def encode(self, record: SafetyRecord, num_image_tokens: int = 1) -> dict:
+        """Token ids and labels (lists) for one record; ``num_image_tokens`` per image."""
+        messages = build_messages(record, self.system)
+        text, spans = self._spans(messages, record.id)
+        if self.train_on == "last_assistant":
+            spans = spans[-1:]
+        if record.image is not None and num_image_tokens != 1:
+            # expand exactly like LlavaProcessor (string replace), shifting spans behind each image
+            grow = len(self.image_token) * (num_image_tokens - 1)
+            positions = []
+            start = text.find(self.image_token)
+            while start != -1:
+                positions.append(start)
+                start = text.find(self.image_token, start + len(self.image_token))
+            spans = [
+                (s + grow * sum(p < s for p in positions), e + grow * sum(p < s for p in positions)) for s, e in spans
+            ]
+            text = text.replace(self.image_token, self.image_token * num_image_tokens)
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        input_ids = list(encoding["input_ids"])
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for k, (start, end) in enumerate(encoding["offset_mapping"]):
+            if end > start and any(s <= start < e for s, e in spans):
+                labels[k] = input_ids[k]
+        n_images = 1 if record.image is not None else 0
+        found = sum(1 for t in input_ids if t == self.image_token_id)
+        if found != n_images * num_image_tokens:
+            raise ValueError(
+                f"record {record.id!r}: {found} image tokens in the text but {n_images} image(s) x "
+                f"{num_image_tokens} features; the prompt must not contain {self.image_token!r} itself"
+            )
+        if self.max_length is not None:
+            budget = self.max_length - self.num_prefix_tokens
+            if len(input_ids) > budget:
+                last_image = max((k for k, t in enumerate(input_ids) if t == self.image_token_id), default=-1)
+                if last_image >= budget:
+                    raise ValueError(
+                        f"record {record.id!r}: {last_image + 1} tokens up to the end of the image "
+                        f"({num_image_tokens} image tokens) + {self.num_prefix_tokens} prefix tokens exceed "
+                        f"max_length {self.max_length}; raise max_length or shorten the text before the image"
+                    )
+                input_ids, labels = input_ids[:budget], labels[:budget]
+        return {"input_ids": input_ids, "labels": labels}
+
+    # ----------------------------------------------------------------- call
+
+    def __call__(self, records: Sequence[SafetyRecord]) -> dict:
+        import torch
+
+        if not records:
+            raise ValueError("cannot collate an empty batch")
+        images = [open_image(r, self.image_root) for r in records if r.image is not None]
+        pixel_values = None
+        num_image_tokens = 1
+        if images:
+            pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            num_image_tokens = self.num_image_tokens(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        encoded = [self.encode(r, num_image_tokens) for r in records]
+        length = max(len(e["input_ids"]) for e in encoded)
+        pad_id = self.tokenizer.pad_token_id
+        left = self.tokenizer.padding_side == "left"
+        input_ids = torch.full((len(records), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(records), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(records), length), dtype=torch.long)
+        for b, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            cols = slice(length - n, length) if left else slice(0, n)
+            input_ids[b, cols] = torch.tensor(e["input_ids"], dtype=torch.long)
+            labels[b, cols] = torch.tensor(e["labels"], dtype=torch.long)
+            attention_mask[b, cols] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "risk_level": torch.tensor([r.risk_level for r in records], dtype=torch.long),
+            "risk_type": torch.tensor([r.risk_type for r in records], dtype=torch.long),
+        }
+        if pixel_values is not None:
+            batch["pixel_values"] = pixel_values
+        return batch
+
+
+__all__ = ["IGNORE_INDEX", "SafetyCollator", "TRAIN_ON", "build_messages"]

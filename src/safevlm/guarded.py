@@ -1,0 +1,529 @@
+"""Guarded generation: classify with the safety head, apply the policy, generate — one vision pass.
+
+For a batch of (image, prompt) pairs::
+
+    V = vision_tower(images)                       # once, shared by everything below
+    risk = safety head(V, prompt tokens)            # the LLM does not run
+    decision = policy(risk)                         # allow / hint / refuse per sample
+    refuse -> the policy's refusal text             # never reaches the LLM
+    hint   -> the hint goes into the chat (system message or user turn), re-tokenised
+    allow, hint -> ONE generate call over those samples, reusing V
+
+``generate_guarded`` returns a :class:`GuardedResult` per input; ``classify`` stops after
+the policy (guard mode). Prompts are a string (one user turn with the image) or a list of
+chat messages (``{"role", "content"}``, content a string or parts ``{"type": "text"|"image"}``),
+rendered with the processor's chat template.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from safevlm.policy import Decision, Policy, PolicyOverrides, load_policy
+
+logger = logging.getLogger("safevlm.guarded")
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+class InputTooLong(ValueError):
+    """A prompt plus prefix tokens plus new tokens does not fit the language model's context."""
+
+
+@dataclass
+class GuardedResult:
+    """One input's outcome. ``text`` is the answer (the refusal text when ``action`` is
+    ``refuse``); ``risk_level`` (id) and ``risk_type`` (name) are the head's most probable
+    ones; ``hint`` is the hint inserted (or None); ``decided_by`` the type whose rule chose
+    the action. Token counts include the image tokens and, for the prompt, the hint."""
+
+    text: str
+    action: str
+    risk_level: int
+    risk_type: str
+    level_probs: list[float]
+    type_probs: dict[str, float]
+    hint: str | None = None
+    decided_by: str | None = None
+    score: float | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    decision: Decision | None = field(default=None, repr=False)
+
+    def to_dict(self, ndigits: int = 4) -> dict:
+        d = self.decision.to_dict(ndigits) if self.decision is not None else {}
+        return {
+            "text": self.text,
+            "action": self.action,
+            "risk_level": self.risk_level,
+            "risk_type": self.risk_type,
+            "decided_by": self.decided_by,
+            "score": d.get("score", self.score),
+            "hint_level": d.get("hint_level"),
+            "hint": self.hint,
+            "level_probs": d.get("level_probs", self.level_probs),
+            "type_probs": d.get("type_probs", self.type_probs),
+            "error": self.error,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+        }
+
+    @classmethod
+    def from_decision(cls, decision: Decision, text: str, prompt_tokens: int = 0, completion_tokens: int = 0,
+                      finish_reason: str | None = None):
+        if finish_reason is None:
+            finish_reason = "refused" if decision.action == "refuse" else "stop"
+        return cls(
+            text=text,
+            action=decision.action,
+            risk_level=decision.risk_level,
+            risk_type=decision.risk_type,
+            level_probs=list(decision.level_probs),
+            type_probs=dict(decision.type_probs),
+            hint=decision.hint,
+            decided_by=decision.decided_by,
+            score=decision.score,
+            error=decision.error,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason=finish_reason,
+            decision=decision,
+        )
+
+
+# -- chat messages ------------------------------------------------------------------------------------
+def _parts(content) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [dict(p) for p in content]
+
+
+def build_messages(prompt: str | Sequence[dict], has_image: bool) -> list[dict]:
+    """Chat messages for a prompt: a string becomes one user turn (image first when there is
+    one); a message list is copied with string contents turned into text parts. The number of
+    image parts must match ``has_image``."""
+    if isinstance(prompt, str):
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+        return [{"role": "user", "content": content}]
+    messages = [{"role": m["role"], "content": _parts(m.get("content"))} for m in prompt]
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    n_images = sum(1 for m in messages for p in m["content"] if p.get("type") == "image")
+    if n_images != int(has_image):
+        raise ValueError(
+            f"the conversation has {n_images} image part(s) but {int(has_image)} image was given; "
+            "the safety head reads exactly one image per input (or none)"
+        )
+    return messages
+
+
+def insert_hint(messages: list[dict], hint: str, position: str) -> list[dict]:
+    """A copy of ``messages`` with ``hint`` as (or appended to) the system message
+    (``position="system"``) or appended to the last user turn (``"user"``)."""
+    messages = copy.deepcopy(messages)
+    if position == "system":
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"].append({"type": "text", "text": hint})
+        else:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": hint}]})
+        return messages
+    if position == "user":
+        for message in reversed(messages):
+            if message["role"] == "user":
+                texts = [p for p in message["content"] if p.get("type") == "text"]
+                if texts:
+                    texts[-1]["text"] = f"{texts[-1]['text']}\n{hint}"
+                else:
+                    message["content"].append({"type": "text", "text": hint})
+                return messages
+        raise ValueError("hint_position 'user' needs a user message in the conversation")
+    raise ValueError(f"unknown hint position {position!r}; allowed: system, user")
+
+
+def render(processor, messages: list[dict]) -> str:
+    """The prompt text for ``messages`` from the processor's chat template (generation prompt on)."""
+    if getattr(processor, "chat_template", None) is None and getattr(
+        getattr(processor, "tokenizer", None), "chat_template", None
+    ) is None:
+        raise ValueError("the processor has no chat template; guarded generation renders prompts with it")
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# -- tensors ------------------------------------------------------------------------------------------------
+def _device(model) -> torch.device:
+    return model.backbone.lm_head.weight.device
+
+
+def _image_token(processor) -> str:
+    return getattr(processor, "image_token", None) or "<image>"
+
+
+def tokenize(model, processor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids (B, L) and attention_mask (B, L), left-padded, each image placeholder expanded
+    to the model's number of image features (as the processor does)."""
+    token = _image_token(processor)
+    n = model.config.num_image_features
+    expanded = [t.replace(token, token * n) for t in texts]
+    enc = processor.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+    device = _device(model)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def pixel_values(processor, images: list) -> torch.Tensor:
+    """(num_images, C, H, W) from the processor's image processor."""
+    images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+# -- the guarded batch -------------------------------------------------------------------------------------
+def _normalise(images, prompts) -> tuple[list, list]:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]
+    prompts = list(prompts)
+    images = [images] if images is None or not isinstance(images, (list, tuple)) else list(images)
+    if len(images) == 1 and images[0] is None and len(prompts) > 1:
+        images = images * len(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one image (or None) per prompt")
+    return images, prompts
+
+
+class _Batch:
+    """The shared first half of guarded generation: messages, one vision pass, guard, policy."""
+
+    def __init__(self, model, processor, images, prompts, policy, overrides, allow_no_prompt=False):
+        self.model, self.processor, self.policy = model, processor, policy
+        self.images, self.prompts = _normalise(images, prompts)
+        n = len(self.prompts)
+        if n == 0:
+            raise ValueError("no inputs")
+        tax = model.config.taxonomy
+        if policy.taxonomy != tax:
+            raise ValueError(
+                f"the policy's taxonomy {list(policy.taxonomy.type_names)} differs from the model's {list(tax.type_names)}"
+            )
+        self.overrides = overrides if isinstance(overrides, (list, tuple)) else [overrides] * n
+        if len(self.overrides) != n:
+            raise ValueError(f"got {len(self.overrides)} overrides for {n} inputs")
+        for ov in self.overrides:  # a request asking for more than the deployment allows fails before any work
+            policy.check_overrides(ov)
+        self.messages: list[list[dict] | None] = []
+        self.texts: list[str | None] = []
+        for image, prompt in zip(self.images, self.prompts):
+            if prompt is None:
+                if not allow_no_prompt or image is None:
+                    raise ValueError("each input needs a prompt" if not allow_no_prompt else "an input needs an image or a prompt")
+                self.messages.append(None)
+                self.texts.append(None)
+                continue
+            messages = build_messages(prompt, image is not None)
+            self.messages.append(messages)
+            self.texts.append(render(processor, messages))
+        # groups that can share one head / generate call: the head needs one image per sample
+        # or none, and a sample without a prompt reads the image alone
+        self.groups: dict[str, list[int]] = {}
+        for i, (image, text) in enumerate(zip(self.images, self.texts)):
+            key = "image" if image is not None and text is not None else ("image_only" if text is None else "text")
+            self.groups.setdefault(key, []).append(i)
+        image_idx = [i for i, im in enumerate(self.images) if im is not None]
+        self.vision_row = {i: r for r, i in enumerate(image_idx)}
+        self.vision_features = None
+        if image_idx:
+            pixels = pixel_values(processor, [self.images[i] for i in image_idx]).to(_device(model))
+            self.vision_features = model.encode_images(pixels)  # the one vision pass
+        self.decisions: list[Decision | None] = [None] * n
+        self.prompt_tokens = [0] * n
+        self.tokens: dict[str, tuple] = {}  # group -> (input_ids, attention_mask) the head read
+        for key, idx in self.groups.items():
+            self._guard(key, idx)
+
+    def features(self, idx: list[int]):
+        if self.vision_features is None or self.images[idx[0]] is None:
+            return None
+        rows = torch.tensor([self.vision_row[i] for i in idx], device=self.vision_features.device)
+        return self.vision_features.index_select(0, rows)
+
+    def _guard(self, key: str, idx: list[int]) -> None:
+        features = self.features(idx)
+        if key == "image_only":
+            input_ids = attention_mask = None
+        else:
+            input_ids, attention_mask = tokenize(self.model, self.processor, [self.texts[i] for i in idx])
+            self.tokens[key] = (input_ids, attention_mask)
+            for row, i in enumerate(idx):
+                self.prompt_tokens[i] = int(attention_mask[row].sum())
+        try:
+            out = self.model.guard(input_ids, attention_mask=attention_mask, vision_features=features)
+            level_probs, type_probs = out.level_probs, out.type_probs
+        except Exception as err:  # fail closed: a broken head must not let input through
+            logger.exception("safety head failed on %d input(s)", len(idx))
+            for i in idx:
+                self.decisions[i] = self.policy.error_decision(f"safety head raised {type(err).__name__}: {err}")
+            return
+        decisions = self.policy.decide_batch(level_probs, type_probs, [self.overrides[i] for i in idx])
+        for i, decision in zip(idx, decisions):
+            self.decisions[i] = decision
+
+
+def classify(
+    model,
+    processor,
+    images,
+    prompts=None,
+    policy: Policy | str | None = None,
+    overrides: PolicyOverrides | Sequence[PolicyOverrides | None] | None = None,
+) -> list[Decision]:
+    """Guard mode: one vision pass, the safety head and the policy; the LLM never runs.
+
+    ``images``: one PIL image (or None) per input; ``prompts``: strings, message lists or None
+    (None reads the image alone).
+    """
+    policy = load_policy(policy)
+    if prompts is None:
+        prompts = [None] * (len(images) if isinstance(images, (list, tuple)) else 1)
+    with torch.inference_mode():
+        batch = _Batch(model, processor, images, prompts, policy, overrides, allow_no_prompt=True)
+    return list(batch.decisions)
+
+
+def generate_guarded(
+    model,
+    processor,
+    images,
+    prompts,
+    policy: Policy | str | None = None,
+    overrides: PolicyOverrides | Sequence[PolicyOverrides | None] | None = None,
+    on_decisions: Callable[[list[Decision]], Any] | None = None,
+    **generation_kwargs,
+) -> list[GuardedResult]:
+    """Classify, apply ``policy`` and generate, with one vision pass per image.
+
+    Args:
+        model: a :class:`~safevlm.model.SafeVLM`.
+        processor: its processor (tokenizer with chat template + image processor).
+        images: a PIL image, or a list with one image (or None for text only) per prompt.
+        prompts: a string, a list of strings, or chat message lists (one image part each).
+        policy: a :class:`Policy`, a shipped policy name or a YAML path (default: ``default``).
+        overrides: per-request relaxations, one for all or one per input.
+        on_decisions: called with every input's :class:`Decision` before the LLM runs.
+        generation_kwargs: passed to ``generate`` (``max_new_tokens`` defaults to 64).
+
+    Returns one :class:`GuardedResult` per input, in order. Refused inputs get the policy's
+    refusal text and never reach the language model; the others are generated together in
+    one call per group (inputs with an image, inputs without).
+    """
+    policy = load_policy(policy)
+    tokenizer = processor.tokenizer
+    if "max_length" not in generation_kwargs:
+        generation_kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generation_kwargs.setdefault("pad_token_id", pad_id)
+    with torch.inference_mode():
+        batch = _Batch(model, processor, images, prompts, policy, overrides)
+        if on_decisions is not None:
+            on_decisions(list(batch.decisions))
+        results: list[GuardedResult | None] = [None] * len(batch.decisions)
+        for i, decision in enumerate(batch.decisions):
+            if decision.action == "refuse":
+                results[i] = GuardedResult.from_decision(decision, decision.refusal, batch.prompt_tokens[i], 0)
+        for key, idx in batch.groups.items():
+            keep = [i for i in idx if batch.decisions[i].action != "refuse"]
+            if keep:
+                reuse = keep == idx and all(batch.decisions[i].action == "allow" for i in keep)
+                _generate(batch, keep, results, generation_kwargs, batch.tokens.get(key) if reuse else None)
+    return results
+
+
+def _generate(batch: _Batch, keep: list[int], results: list, generation_kwargs: dict, tokens=None) -> None:
+    """One generate call over the samples ``keep`` (hinted prompts re-rendered), reusing
+    their vision features (and the head's tokens when nothing changed); fills ``results``."""
+    model, processor, policy = batch.model, batch.processor, batch.policy
+    if tokens is None:
+        texts = []
+        for i in keep:
+            decision = batch.decisions[i]
+            if decision.action == "hint":
+                texts.append(render(processor, insert_hint(batch.messages[i], decision.hint, policy.hint_position)))
+            else:
+                texts.append(batch.texts[i])
+        tokens = tokenize(model, processor, texts)
+    input_ids, attention_mask = tokens
+    _check_context(model, input_ids, attention_mask, keep, generation_kwargs)
+    features = batch.features(keep)
+    new_tokens = model.generate(input_ids, attention_mask=attention_mask, vision_features=features, **generation_kwargs)
+    tokenizer = processor.tokenizer
+    eos = _eos_ids(model, tokenizer, generation_kwargs)
+    pad = generation_kwargs.get("pad_token_id")
+    for row, i in enumerate(keep):
+        tokens = new_tokens[row].tolist()
+        n, finish = len(tokens), "length"
+        for j, t in enumerate(tokens):
+            if t in eos:
+                n, finish = j + 1, "stop"
+                break
+        if finish == "length" and n < generation_kwargs.get("max_new_tokens", n + 1):
+            finish = "stop"  # ended early (a stopping criterion); trailing padding is not output
+            while n and tokens[n - 1] == pad:
+                n -= 1
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True).strip()
+        results[i] = GuardedResult.from_decision(batch.decisions[i], text, int(attention_mask[row].sum()), n, finish)
+
+
+def _eos_ids(model, tokenizer, generation_kwargs) -> set[int]:
+    eos = generation_kwargs.get("eos_token_id")
+    if eos is None:
+        eos = getattr(model.base_model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def _check_context(model, input_ids, attention_mask, keep, generation_kwargs) -> None:
+    text_config = getattr(model.backbone.config, "text_config", None)
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if not limit:
+        return
+    new = generation_kwargs.get("max_new_tokens") or 0
+    prefix = model.config.num_prefix_tokens
+    for row, i in enumerate(keep):
+        length = int(attention_mask[row].sum())
+        if length + prefix + new > limit:
+            raise InputTooLong(
+                f"input {i}: {length} prompt tokens + {prefix} prefix tokens + {new} new tokens "
+                f"= {length + prefix + new} exceeds the model's context of {limit}"
+            )
+
+
+# -- multi-turn chat ---------------------------------------------------------------------------------------
+class ChatSession:
+    """A guarded multi-turn conversation about (at most) one image; every turn is classified
+    and decided afresh over the whole conversation so far.
+
+    ``ask(prompt)`` returns the turn's :class:`GuardedResult`; refusals are kept in the history
+    as the assistant's reply. ``set_image`` starts a new conversation (one image per
+    conversation, as the safety head reads one image).
+    """
+
+    def __init__(self, model, processor, policy=None, image=None, overrides=None, **generation_kwargs):
+        self.model, self.processor = model, processor
+        self.policy = load_policy(policy)
+        self.policy.check_overrides(overrides)
+        self.overrides = overrides
+        self.generation_kwargs = generation_kwargs
+        self.image = image
+        self.messages: list[dict] = []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def set_image(self, image) -> None:
+        self.image = image
+        self.reset()
+
+    def ask(self, prompt: str) -> GuardedResult:
+        content = [{"type": "text", "text": prompt}]
+        if self.image is not None and not self.messages:
+            content.insert(0, {"type": "image"})
+        conversation = [*self.messages, {"role": "user", "content": content}]
+        result = generate_guarded(
+            self.model, self.processor, [self.image], [conversation], self.policy, self.overrides,
+            **dict(self.generation_kwargs),
+        )[0]
+        self.messages = [*conversation, {"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
+        return result
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def processor_for(model):
+    """The processor saved beside the model's base folder (for ``SafeVLM.generate_guarded``
+    called without one)."""
+    if model in _PROCESSORS:
+        return _PROCESSORS[model]
+    path = getattr(model.backbone.config, "_name_or_path", "")
+    if not path or not os.path.isdir(path):
+        raise ValueError(
+            "generate_guarded needs the processor: pass processor=... (the base was not loaded from a folder "
+            f"that holds one; name_or_path={path!r})"
+        )
+    from transformers import AutoProcessor
+
+    _PROCESSORS[model] = AutoProcessor.from_pretrained(path)
+    return _PROCESSORS[model]
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str | None, device: str | None) -> torch.dtype | None:
+    """``auto``: float32 on CPU, bfloat16 on GPUs that have it, else float16."""
+    if name in (None, "auto"):
+        if device is None or str(device).startswith("cpu"):
+            return None
+        if str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_model_and_processor(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | None = "auto",
+    seed: int = 0,
+):
+    """(SafeVLM, processor) from a base folder (a Hugging Face LLaVA folder with its processor)
+    and an optional safety adapter folder. Without an adapter, fresh (untrained) safety modules
+    are built from ``seed`` and a warning is logged: their decisions carry no meaning."""
+    from transformers import AutoProcessor
+
+    from safevlm.model import SafeVLM
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"adapter folder not found: {adapter_dir}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = resolve_dtype(dtype, device)
+    if adapter_dir is None:
+        logger.warning("no safety adapter given: the safety modules are untrained, so their decisions are random")
+        torch.manual_seed(seed)
+    model = SafeVLM.from_pretrained(str(model_dir), adapter_dir, torch_dtype=torch_dtype, device=device)
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    return model, processor
+
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "ChatSession",
+    "GuardedResult",
+    "InputTooLong",
+    "build_messages",
+    "classify",
+    "generate_guarded",
+    "insert_hint",
+    "load_model_and_processor",
+    "processor_for",
+    "render",
+    "resolve_dtype",
+    "tokenize",
+]
