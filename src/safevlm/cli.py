@@ -13,9 +13,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "classify",
     "data",
     "demo",
+    "merge",
     "params",
     "serve",
     "tiny",
+    "train",
 )
 
 

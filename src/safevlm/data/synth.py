@@ -322,8 +322,13 @@ def _fit_font(draw, text: str, path: str | None, max_w: int, max_h: int, spacing
     return _font(path, lo)
 
 
-def render_typographic(phrase: str, rng: random.Random, size: int = 224, layout: str = "title"):
-    """One phrase in large bold capitals, ``layout`` ``"title"`` (centred) or ``"list"`` (FigStep-like)."""
+def render_typographic(
+    phrase: str, rng: random.Random, size: int = 224, layout: str = "title", font_variety: int = 0
+):
+    """One phrase in large bold capitals, ``layout`` ``"title"`` (centred) or ``"list"`` (FigStep-like).
+
+    ``font_variety``: draw the font from the first k bold fonts found (0: all of them).
+    """
     from PIL import Image, ImageDraw
 
     if layout not in ("title", "list"):
@@ -332,7 +337,8 @@ def render_typographic(phrase: str, rng: random.Random, size: int = 224, layout:
     ink = rng.choice(((0, 0, 0), (20, 20, 90), (90, 10, 10), (10, 60, 20), (40, 40, 40)))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
-    path = rng.choice(_font_paths())
+    fonts = _font_paths()
+    path = rng.choice(fonts[:font_variety] if font_variety > 0 else fonts)
     text = textwrap.fill(phrase.upper(), width=10)
     margin = max(4, size // 20)
     spacing = max(2, size // 40)
@@ -571,12 +577,12 @@ def _background_scene(rng: random.Random, size: int) -> tuple:
     return render_object(obj, rng, size), {"scene": "object", "object": obj}
 
 
-def _realise(plan: _Plan, split: str, pools: dict, rng: random.Random, size: int) -> tuple:
+def _realise(plan: _Plan, split: str, pools: dict, rng: random.Random, size: int, font_variety: int = 0) -> tuple:
     """(image, prompt, answer, metadata) for a planned sample, with ``split``'s templates."""
     meta: dict = {"kind": plan.kind}
     layout = rng.choice(("title", "list"))
     if plan.kind in ("risky-image", "benign-typo"):
-        image = render_typographic(plan.phrase, rng, size, layout)
+        image = render_typographic(plan.phrase, rng, size, layout, font_variety)
         template = prompt = rng.choice(pools["generic"][split])
         meta.update({"layout": layout, "request_in": "image", "template": template})
     elif plan.kind in ("risky-text", "benign-text"):
@@ -585,7 +591,7 @@ def _realise(plan: _Plan, split: str, pools: dict, rng: random.Random, size: int
         prompt = template.format(phrase=plan.phrase)
         meta.update({"request_in": "text", "template": template, **scene})
     elif plan.kind in ("risky-both", "benign-both"):
-        image = render_typographic(plan.phrase, rng, size, layout)
+        image = render_typographic(plan.phrase, rng, size, layout, font_variety)
         template = rng.choice(pools["both"][split])
         prompt = template.format(phrase=plan.phrase)
         meta.update({"layout": layout, "request_in": "image+text", "template": template})
@@ -619,6 +625,7 @@ def make_synthetic_dataset(
     seed: int = 0,
     clean_ratio: float = DEFAULT_CLEAN_RATIO,
     image_size: int = 224,
+    font_variety: int = 0,
 ) -> dict:
     """Write ``n`` synthetic samples to ``out_dir`` and return the counts.
 
@@ -632,6 +639,8 @@ def make_synthetic_dataset(
         seed: RNG seed; same seed, same files.
         clean_ratio: clean (safe) samples per risky sample; 3/11 by default.
         image_size: square image side in pixels (the tiny model resizes to its own size).
+        font_variety: typographic images use the first k bold fonts found (0: every one found);
+            1 gives a tiny vision tower the easiest reading task.
 
     Returns:
         ``{"total", "clean", "risky", "splits": {split: n}, "by_type": {name: n},
@@ -641,6 +650,8 @@ def make_synthetic_dataset(
         raise ValueError(f"n must be at least {len(SPLITS)} (one sample per split), got {n}")
     if not clean_ratio >= 0:
         raise ValueError(f"clean_ratio must be >= 0 (clean samples per risky sample), got {clean_ratio}")
+    if font_variety < 0:
+        raise ValueError(f"font_variety must be >= 0 (0 = every font found), got {font_variety}")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
     rng = random.Random(seed)
@@ -662,7 +673,7 @@ def make_synthetic_dataset(
     for split, (start, stop) in bounds.items():
         for index in range(start, stop):
             plan = plans[index]
-            image, prompt, answer, meta = _realise(plan, split, pools, rng, image_size)
+            image, prompt, answer, meta = _realise(plan, split, pools, rng, image_size, font_variety)
             if len(answer.split()) > MAX_ANSWER_WORDS:  # a template edit must not break the contract
                 raise AssertionError(f"answer over {MAX_ANSWER_WORDS} words: {answer!r}")
             record_id = f"synth-{index:06d}"
@@ -697,7 +708,7 @@ def make_synthetic_dataset(
         "by_level": {str(lv): sum(r.risk_level == lv for r in all_records) for lv in range(taxonomy.num_levels)},
         "out_dir": str(out_dir),
     }
-    meta_file = {"n": n, "seed": seed, "clean_ratio": clean_ratio, "image_size": image_size, **counts}
+    meta_file = {"n": n, "seed": seed, "clean_ratio": clean_ratio, "image_size": image_size, "font_variety": font_variety, **counts}
     (out_dir / "synth.json").write_text(json.dumps(meta_file, indent=2) + "\n", encoding="utf-8")
     return counts
 

@@ -58,7 +58,13 @@ class SafetyHead(nn.Module):
         self.use_prompt = config.head_use_prompt
         self.queries = nn.Parameter(torch.randn(config.num_query_tokens, width) * 0.02)
         self.safety_in = nn.Linear(config.safety_dim, width)
-        self.prompt_in = nn.Linear(config.text_hidden_size, width) if config.head_use_prompt else None
+        # Token embeddings are small (LLaMA: std 0.02), so normalise them before projecting, or
+        # the projection's bias swamps the token signal.
+        self.prompt_in = (
+            nn.Sequential(nn.LayerNorm(config.text_hidden_size), nn.Linear(config.text_hidden_size, width))
+            if config.head_use_prompt
+            else None
+        )
         # Segment embeddings tell the head which keys are image-side and which are text-side.
         self.segment = nn.Parameter(torch.zeros(2, width))
         self.safety_pos = nn.Parameter(torch.zeros(config.num_safety_features, width))
@@ -97,7 +103,7 @@ class SafetyHead(nn.Module):
         if self.use_prompt and prompt_embeds is not None:
             if prompt_mask is None:
                 prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
-            keys.append(self.prompt_in(prompt_embeds.to(self.prompt_in.weight.dtype)) + self.segment[1])
+            keys.append(self.prompt_in(prompt_embeds.to(self.prompt_in[1].weight.dtype)) + self.segment[1])
             masks.append(prompt_mask.bool())
         if not keys:
             raise ValueError("the safety head needs safety features or a prompt; got neither")
