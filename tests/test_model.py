@@ -245,3 +245,31 @@ def test_batched_generate_matches_single_with_prefix_tokens(safe_model, tiny_pro
     out_single = safe_model.generate(**single, max_new_tokens=5, do_sample=False)
     n = out_single.shape[1]
     assert torch.equal(out_batch[1, :n], out_single[0])
+
+
+def test_conditioned_prefix_tokens_start_static_and_carry_the_head_state(tiny):
+    base, processor = tiny
+    torch.manual_seed(0)
+    model = SafeVLM(base, num_prefix_tokens=3, num_query_tokens=4, head_num_heads=4).eval()
+    static = SafeVLM(base, SafetyConfig.from_dict({**model.config.to_dict(), "prefix_conditioning": "none"})).eval()
+    static.load_state_dict(model.state_dict(), strict=False)
+    inputs = make_inputs(processor, PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, static(**inputs).logits)  # zero-initialised
+        model.prefix_tokens.condition.weight.normal_()
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        features = model.encode_images(inputs["pixel_values"])
+        embeds, _, _ = model.build_inputs_embeds(ids, mask, features)
+        state = model.guard(**inputs).vision_features  # same vision features, one pass
+        head = model._head(ids, mask, state)
+    image_id = model.config.image_token_id
+    for b in range(2):
+        first = int((ids[b] == image_id).nonzero()[0])
+        expected = model.prefix_tokens.embeddings + model.prefix_tokens.condition(head.pooled[b])
+        torch.testing.assert_close(embeds[b, first:first + 3], expected)
+    # two different inputs get different prefixes
+    first0 = int((ids[0] == image_id).nonzero()[0])
+    first1 = int((ids[1] == image_id).nonzero()[0])
+    assert (embeds[0, first0] - embeds[1, first1]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="unknown prefix_conditioning 'film'; allowed: head, none"):
+        SafetyConfig(prefix_conditioning="film")

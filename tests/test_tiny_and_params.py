@@ -60,8 +60,8 @@ def test_params_ratio_is_what_the_modules_hold(capsys):
     base = sum(p.numel() for p in model.base_model.parameters())
     assert result["base_params"] == base
     assert abs(result["ratio"] - sum(modules.values()) / base) < 1e-12
-    # prefix tokens: 64 x 5120 (the 13B hidden size)
-    assert modules["prefix_tokens"] == 64 * 5120
+    # prefix tokens: 64 x 5120 (the 13B hidden size) + the head-state projection 1024 -> 5120
+    assert modules["prefix_tokens"] == 64 * 5120 + 1024 * 5120 + 5120
     buffers = sum(b.numel() for name in SafeVLM.SAFETY_MODULES for b in getattr(model, name).buffers())
     assert result["adapter_bytes_bf16"] == 2 * (result["safety_params"] + buffers)
 

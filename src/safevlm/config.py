@@ -18,6 +18,7 @@ from typing import Any
 from safevlm.taxonomy import DEFAULT_LEVEL_NAMES, DEFAULT_TYPE_NAMES, Taxonomy
 
 PROJECTOR_KINDS = ("mlp", "cabstractor")
+PREFIX_CONDITIONING = ("head", "none")
 CONFIG_NAME = "safety_config.json"
 
 
@@ -61,6 +62,12 @@ class SafetyConfig:
         "Learned prefix safety tokens placed before the image embeddings in the LLM input "
         "(paper: 64; 0 leaves the LLM input unchanged).",
         default=64,
+    )
+    prefix_conditioning: str = _help(
+        "'head': each prefix token also carries a projection of the safety head's pooled state, so "
+        "the LLM sees this input's risk (zero-initialised: starts as static tokens); 'none': static "
+        "learned tokens only, as in the paper.",
+        default="head",
     )
     head_hidden_size: int | None = _help(
         "Width of the safety head's attention (default: min(text hidden size, 1024)).", default=None
@@ -107,6 +114,10 @@ class SafetyConfig:
             raise ValueError(
                 f"the 'mlp' projector keeps all {self.num_image_features} image features; "
                 f"num_safety_tokens={self.num_safety_tokens} needs projector_kind='cabstractor'"
+            )
+        if self.prefix_conditioning not in PREFIX_CONDITIONING:
+            raise ValueError(
+                f"unknown prefix_conditioning {self.prefix_conditioning!r}; allowed: {', '.join(PREFIX_CONDITIONING)}"
             )
         for name in ("num_query_tokens", "head_num_heads", "head_num_layers", "cabstractor_depth"):
             if getattr(self, name) < 1:
@@ -210,4 +221,4 @@ class SafetyConfig:
         return cls.from_dict(data, source=str(path))
 
 
-__all__ = ["CONFIG_NAME", "PROJECTOR_KINDS", "SafetyConfig"]
+__all__ = ["CONFIG_NAME", "PREFIX_CONDITIONING", "PROJECTOR_KINDS", "SafetyConfig"]

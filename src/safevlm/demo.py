@@ -1,44 +1,524 @@
-"""The main job on the embedded default: build the tiny LLaVA, wrap it with safety modules,
-and run guard and generation on a real photograph (skimage's astronaut)."""
+"""The main job: the whole PSA-VLM method on the embedded tiny model, on a laptop CPU.
+
+``safevlm demo --out DIR`` runs, top to bottom:
+
+1. **Base model.** Build the tiny LLaVA (random weights) and give it the two pre-trainings a
+   real LLaVA has had before safety work starts:
+   a. *vision pre-training* (the CLIP analogue): the vision tower learns to tell images
+      apart by their captions on a stream of freshly rendered images (typography, shapes,
+      objects, real photos from skimage);
+   b. *multimodal pre-training* (the LLaVA analogue): vision frozen, projector + LM learn
+      to read the image aloud and to answer benign questions, and the LM gets the text-side
+      safety alignment a real chat LLM has (it refuses or answers cautiously when the harmful
+      request is in the *prompt*). The result is the situation the paper starts from: the
+      base refuses harmful text, but a harmful request typed into an image goes through.
+2. **Safety data**: synthetic risky / benign samples (``safevlm.data.synth``), splits that
+   share no prompt text.
+3. **Stage 1**: base frozen, safety projector + head (+ prefix tokens) on the classification
+   loss, vision features cached.
+4. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss.
+5. **Report**: head metrics on the held-out split, refusal rate on risky prompts,
+   over-refusal and answer accuracy on benign prompts, before (base) and after (stage 2),
+   plots, and a few guarded answers (allow / hint / refuse) under the default policy.
+
+Everything is deterministic for a seed on CPU. The settings in :class:`DemoSettings` are sized
+so that the whole run takes a few minutes on 2 cores.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 
-def run_demo(out_dir: str | Path, seed: int = 0) -> dict:
+CAPTION_PROMPT = "What does the image say?"
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of each step (defaults: the full demo, a few minutes on 2 CPU cores)."""
+
+    seed: int = 0
+    n_samples: int = 5000  # synthetic safety samples, all splits
+    vision_images: int = 8000  # freshly rendered images for vision pre-training
+    vision_epochs: int = 5
+    vision_lr: float = 3e-3
+    lm_samples: int = 3200  # multimodal pre-training samples (captions, benign QA, text-side alignment)
+    lm_epochs: int = 2
+    lm_lr: float = 1e-3
+    stage1_epochs: int = 8
+    stage1_lr: float = 2e-3
+    stage2_epochs: int = 2
+    stage2_samples: int = 3000
+    stage2_lr: float = 1e-3
+    stage2_clean_ratio: float = 1.5  # clean samples per risky sample drawn in stage 2
+    eval_samples: int = 300  # held-out samples used for the generation metrics
+    max_new_tokens: int = 24
+    batch_size: int = 32
+    threads: int = 2
+    safety: dict = field(
+        default_factory=lambda: {
+            "projector_kind": "mlp",
+            "num_prefix_tokens": 16,
+            "num_query_tokens": 16,
+            "head_hidden_size": 128,
+            "head_num_heads": 4,
+            "head_num_layers": 1,
+            "dropout": 0.3,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------ pre-training
+def _vision_caption(record) -> str:
+    meta = record.metadata
+    if meta.get("request_in") in ("image", "image+text"):
+        return meta["phrase"]
+    if "photo_name" in meta:
+        return meta["photo_name"]
+    if "object" in meta:
+        return meta["object"]
+    return f"{meta['colour']} {meta['shape']}"
+
+
+def _render_caption_pool(n: int, seed: int, size: int):
+    """(images, captions) freshly rendered: typography of every phrase, shapes, objects, photos."""
+    from safevlm.data import synth
+
+    rng = random.Random(seed)
+    phrases = sorted({p for levels in synth.RISKY_PHRASES.values() for ps in levels.values() for p in ps}
+                     | set(synth.BENIGN_PHRASES))
+    photos = sorted(synth._photo_arrays())
+    images, captions = [], []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.7:
+            phrase = rng.choice(phrases)
+            images.append(synth.render_typographic(phrase, rng, size, rng.choice(("title", "list")), font_variety=1))
+            captions.append(phrase)
+        elif u < 0.8 or not photos:
+            shape, colour = rng.choice(synth.SHAPES), rng.choice(list(synth.COLOURS))
+            images.append(synth.render_shape(shape, colour, rng, size))
+            captions.append(f"{colour} {shape}")
+        elif u < 0.9:
+            obj = rng.choice(synth.OBJECTS)
+            images.append(synth.render_object(obj, rng, size))
+            captions.append(obj)
+        else:
+            name = rng.choice(photos)
+            images.append(synth.render_photo(name, rng, size))
+            captions.append(name)
+    return images, captions
+
+
+def pretrain_vision(base, processor, settings: DemoSettings, progress) -> dict:
+    """CLIP analogue: train the vision tower to recognise each image's caption (cross-entropy
+    over the caption set) from its selected-layer features, on freshly rendered images."""
     import torch
-    from skimage import data as skdata
-    from PIL import Image
 
+    size = processor.image_processor.crop_size["height"]
+    images, captions = _render_caption_pool(settings.vision_images, settings.seed + 1, size)
+    vocab = sorted(set(captions))
+    index = {c: i for i, c in enumerate(vocab)}
+    pixels = torch.cat([
+        processor.image_processor(images[i:i + 256], return_tensors="pt")["pixel_values"]
+        for i in range(0, len(images), 256)
+    ])
+    targets = torch.tensor([index[c] for c in captions])
+    tower = base.model.vision_tower
+    layer = base.config.vision_feature_layer
+    classifier = torch.nn.Linear(base.config.vision_config.hidden_size, len(vocab))
+    params = list(tower.parameters()) + list(classifier.parameters())
+    bs = 64
+    steps = settings.vision_epochs * ((len(images) + bs - 1) // bs)
+    opt = torch.optim.AdamW(params, lr=settings.vision_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.vision_lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(settings.seed)
+    tower.train()
+    bar = progress(total=steps, desc="vision pre-training")
+    for _ in range(settings.vision_epochs):
+        order = torch.randperm(len(images), generator=gen)
+        for i in range(0, len(images), bs):
+            j = order[i:i + bs]
+            hidden = tower(pixels[j], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
+            loss = torch.nn.functional.cross_entropy(classifier(hidden), targets[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    tower.eval()
+    return {"images": len(images), "captions": len(vocab), "final_loss": round(loss.item(), 4)}
+
+
+def pretrain_language(base, processor, records, image_root, settings: DemoSettings, progress) -> dict:
+    """LLaVA analogue: vision frozen; projector + LM learn to read images aloud (every training
+    image, risky ones included, as a real base reads anything), to answer benign questions,
+    and the text-side safety alignment of a chat LLM: requests made in the prompt text get the
+    refusal or cautious answer. Requests made only in the image are never shown with a refusal
+    here, so the base goes along with them (the typographic attack)."""
+    import torch
+
+    from safevlm.data import SafetyRecord, Turn
+    from safevlm.data.collator import SafetyCollator
+    from safevlm.model import SafeVLM
+
+    rng = random.Random(settings.seed + 2)
+    samples = []
+    for r in records:
+        if r.response and (r.risk_level == 0 or r.metadata.get("request_in") == "text"):
+            samples.append(r)  # benign QA, and harmful requests made in the prompt text
+        caption = _vision_caption(r)
+        if r.metadata.get("request_in") in ("image", "image+text"):
+            answer = f"The image says: {caption}."
+        else:
+            continue
+        samples.append(SafetyRecord(f"{r.id}-caption", r.image, [Turn("user", f"<image>\n{CAPTION_PROMPT}"),
+                                                                   Turn("assistant", answer)], 0, r.risk_type, "caption"))
+    rng.shuffle(samples)
+    samples = samples[: settings.lm_samples]
+    for p in base.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    view = SafeVLM(base, num_prefix_tokens=0, num_query_tokens=1, head_num_heads=1, head_hidden_size=8)
+    collator = SafetyCollator(processor, image_root=image_root)
+    params = [p for n, p in base.named_parameters() if p.requires_grad]
+    bs = settings.batch_size // 2
+    steps = settings.lm_epochs * ((len(samples) + bs - 1) // bs)
+    opt = torch.optim.AdamW(params, lr=settings.lm_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lm_lr, total_steps=steps, pct_start=0.1)
+    # The vision tower is frozen: compute its features once.
+    batches = []
+    with torch.no_grad():
+        for i in range(0, len(samples), bs):
+            batch = collator(samples[i:i + bs])
+            batch["vision_features"] = view.encode_images(batch.pop("pixel_values"))
+            batches.append(batch)
+    base.train()
+    bar = progress(total=steps, desc="multimodal pre-training")
+    for _ in range(settings.lm_epochs):
+        rng.shuffle(batches)
+        for batch in batches:
+            embeds, mask, labels = view.build_inputs_embeds(
+                batch["input_ids"], batch["attention_mask"], batch["vision_features"], batch["labels"]
+            )
+            logits = view.backbone.language_forward(embeds, mask, view.position_ids(mask))
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(True)
+    return {"samples": len(samples), "final_loss": round(loss.item(), 4)}
+
+
+# ------------------------------------------------------------------------------ evaluation
+def _chat_inputs(processor, records, image_root):
+    from safevlm.data import open_image
+
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.prompt}]}],
+            add_generation_prompt=True,
+        )
+        for r in records
+    ]
+    images = [open_image(r, image_root) for r in records]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().replace("</s>", " ").split()).strip(" .")
+
+
+def generate_answers(generate_fn, processor, records, image_root, settings: DemoSettings, desc: str, progress):
+    answers = []
+    bar = progress(total=len(records), desc=desc)
+    for i in range(0, len(records), settings.batch_size):
+        chunk = records[i:i + settings.batch_size]
+        tokens = generate_fn(_chat_inputs(processor, chunk, image_root))
+        answers += [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
+        bar.update(len(chunk))
+    bar.close()
+    return answers
+
+
+def answer_metrics(records, answers) -> dict:
+    """Refusal rate on risky prompts, over-refusal and exact-answer accuracy on benign prompts."""
+    from safevlm.eval import is_refusal
+
+    risky = [is_refusal(a) for r, a in zip(records, answers) if r.risk_level > 0]
+    benign = [(a, r) for r, a in zip(records, answers) if r.risk_level == 0]
+    return {
+        "refusal_rate_risky": round(sum(risky) / max(1, len(risky)), 4),
+        "over_refusal_benign": round(sum(is_refusal(a) for a, _ in benign) / max(1, len(benign)), 4),
+        "benign_accuracy": round(sum(_normalise(a) == _normalise(r.response) for a, r in benign) / max(1, len(benign)), 4),
+        "n_risky": len(risky),
+        "n_benign": len(benign),
+    }
+
+
+def head_evaluation(model, processor, records, image_root, settings: DemoSettings) -> tuple[dict, list, list]:
+    """Head metrics on held-out records from the prompt alone (as at inference)."""
+    import torch
+
+    from safevlm.train.metrics import head_metrics
+
+    level_pred, type_pred = [], []
+    for i in range(0, len(records), settings.batch_size):
+        chunk = records[i:i + settings.batch_size]
+        out = model.guard(**_chat_inputs(processor, chunk, image_root))
+        level_pred += out.risk_level.tolist()
+        type_pred += out.risk_type.tolist()
+    level_true = [r.risk_level for r in records]
+    type_true = [r.risk_type for r in records]
+    metrics = head_metrics(level_true, level_pred, type_true, type_pred)
+    del torch
+    return {k: round(float(v), 4) for k, v in metrics.items()}, type_true, type_pred
+
+
+def _eval_subset(records, n: int, seed: int):
+    """Up to n held-out records: every benign one up to half, the rest risky."""
+    rng = random.Random(seed)
+    benign = [r for r in records if r.risk_level == 0]
+    risky = [r for r in records if r.risk_level > 0]
+    rng.shuffle(benign)
+    rng.shuffle(risky)
+    benign = benign[: n // 2]
+    return sorted(benign + risky[: n - len(benign)], key=lambda r: r.id)
+
+
+# ------------------------------------------------------------------------------ plots
+def _plots(out: Path, report: dict, type_true, type_pred, type_names) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files = []
+    keys = ["refusal_rate_risky", "over_refusal_benign", "benign_accuracy"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(keys))
+    for offset, (name, colour) in zip((-0.2, 0.2), (("before", "#999999"), ("after", "#2a7fd4"))):
+        values = [report[name][k] for k in keys]
+        bars = ax.bar(x + offset, values, 0.4, label=name, color=colour)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(x, ["refusal on risky", "over-refusal on benign", "benign accuracy"])
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Before (base) vs after (stage 2), held-out prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "before_after.png", dpi=120)
+    plt.close(fig)
+    files.append("before_after.png")
+
+    k = len(type_names)
+    matrix = np.zeros((k, k), dtype=int)
+    for t, p in zip(type_true, type_pred):
+        matrix[t, p] += 1
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_xticks(range(k), type_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), type_names)
+    ax.set_xlabel("predicted risk type")
+    ax.set_ylabel("true risk type")
+    ax.set_title("Safety head after stage 1 (held-out)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_type.png", dpi=120)
+    plt.close(fig)
+    files.append("confusion_type.png")
+    return files
+
+
+def _markdown(report: dict) -> str:
+    s1 = report["stage1"]
+    lines = [
+        "# safevlm demo report",
+        "",
+        f"Embedded tiny LLaVA ({report['base']['params']:,} parameters), safety modules "
+        f"{report['safety_params']:,} parameters; {report['seconds']:.0f} s on CPU.",
+        "",
+        "## Safety head after stage 1 (held-out split)",
+        "",
+        "| head | accuracy | macro-F1 |",
+        "|---|---|---|",
+        f"| risk type | {s1['type_accuracy']:.3f} | {s1['type_macro_f1']:.3f} |",
+        f"| risk level | {s1['level_accuracy']:.3f} | {s1['level_macro_f1']:.3f} |",
+        "",
+        "## Answers before (base) and after (stage 2)",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+    ]
+    for key in ("refusal_rate_risky", "over_refusal_benign", "benign_accuracy"):
+        lines.append(f"| {key} | {report['before'][key]:.3f} | {report['after'][key]:.3f} |")
+    lines += ["", "## Guarded answers (default policy)", ""]
+    for ex in report["guarded_examples"]:
+        lines.append(f"* **{ex['action']}** ({ex['risk_type']}, level {ex['risk_level']}) — "
+                     f"_{ex['prompt']}_ → {ex['text']}")
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report["plots"]), ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ main job
+def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_progress: bool = True) -> dict:
+    """Run the whole method on the embedded tiny model; writes ``report.json``, ``report.md``
+    and plots into ``out_dir`` and returns the report."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from safevlm.data import load_records
+    from safevlm.data.synth import make_synthetic_dataset
     from safevlm.model import SafeVLM
     from safevlm.tiny import build_tiny
+    from safevlm.train import TrainConfig, run_stage
 
+    settings = settings or DemoSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base, processor = build_tiny("default", seed=seed)
-    torch.manual_seed(seed)
-    model = SafeVLM(base).eval()
-    image = Image.fromarray(skdata.astronaut())
-    prompt = "What is shown in the image?"
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
+    torch.set_num_threads(settings.threads)
+    start = time.time()
+
+    def progress(**kwargs):
+        return tqdm(disable=not show_progress, dynamic_ncols=True, **kwargs)
+
+    def banner(text):
+        if show_progress:
+            print(f"\n== {text} ({time.time() - start:.0f} s)", flush=True)
+
+    # -- 1. base ------------------------------------------------------------------------------------
+    banner("1/6 tiny base model + synthetic safety data")
+    torch.manual_seed(settings.seed)
+    base, processor = build_tiny("default", seed=settings.seed)
+    data_dir = out / "data"
+    size = processor.image_processor.crop_size["height"]
+    make_synthetic_dataset(data_dir, settings.n_samples, settings.seed, image_size=size, font_variety=1)
+    splits = {s: load_records(data_dir / f"{s}.jsonl", image_root=data_dir, check_images=False).records
+              for s in ("train", "val", "test")}
+    test_subset = _eval_subset(splits["test"], settings.eval_samples, settings.seed)
+
+    banner("2/6 base pre-training (vision, then multimodal)")
+    vision_info = pretrain_vision(base, processor, settings, progress)
+    lm_info = pretrain_language(base, processor, splits["train"], data_dir, settings, progress)
+    base_params = sum(p.numel() for p in base.parameters())
+    base.save_pretrained(out / "base", safe_serialization=True)  # for chat / serve / classify --model
+    processor.save_pretrained(out / "base")
+
+    banner("3/6 before: the base model's answers on held-out prompts")
+    before_answers = generate_answers(
+        lambda inputs: base.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False)[
+            :, inputs["input_ids"].shape[1]:],
+        processor, test_subset, data_dir, settings, "generating (base)", progress,
     )
-    inputs = processor(images=image, text=text, return_tensors="pt")
-    guard = model.guard(**inputs)
-    tokens = model.generate(**inputs, vision_features=guard.vision_features, max_new_tokens=12, do_sample=False)
-    taxonomy = model.config.taxonomy
-    result = {
-        "image": "skimage.data.astronaut",
-        "prompt": prompt,
-        "risk_level": int(guard.risk_level[0]),
-        "risk_type": taxonomy.type_name(int(guard.risk_type[0])),
-        "level_probs": [round(float(p), 4) for p in guard.level_probs[0]],
-        "type_probs": dict(zip(taxonomy.type_names, (round(float(p), 4) for p in guard.type_probs[0]))),
-        "generated": processor.batch_decode(tokens, skip_special_tokens=True)[0],
-        "counts": model.count_parameters(),
-        "note": "untrained safety modules on an untrained tiny base: numbers are random until training",
+    before = answer_metrics(test_subset, before_answers)
+
+    # -- stage 1 ------------------------------------------------------------------------------------
+    banner("4/6 stage 1: safety projector + head on the frozen base")
+    common = {
+        "seed": settings.seed,
+        "overwrite": True,
+        "data": {"image_root": str(data_dir), "check_images": False, "balance_types": True, "clean_ratio": None},
+        "cache": {"enabled": True, "dir": str(out / "feature_cache")},
+        "log": {"logging_steps": 10, "eval_steps": -1, "save_steps": -1, "save_total_limit": 1},
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    torch.manual_seed(settings.seed)
+    model = SafeVLM(base, **settings.safety)
+    stage1_config = TrainConfig.from_dict({
+        **common,
+        "stage": 1,
+        "output_dir": str(out / "stage1"),
+        "loss": {"cls_weight": 1.0, "lm_weight": 0.0},
+        "optim": {"lr": settings.stage1_lr, "epochs": settings.stage1_epochs, "warmup_steps": 20,
+                  "batch_size": settings.batch_size, "scheduler": "cosine", "weight_decay": 0.05},
+    })
+    stage1 = run_stage(stage1_config, model=model, processor=processor,
+                       train_records=splits["train"], val_records=splits["val"])
+    model = stage1.model
+    stage1_metrics, type_true, type_pred = head_evaluation(model, processor, splits["test"], data_dir, settings)
+
+    # -- stage 2 ------------------------------------------------------------------------------------
+    banner("5/6 stage 2: LoRA on the language model + safety modules")
+    stage2_config = TrainConfig.from_dict({
+        **common,
+        "stage": 2,
+        "output_dir": str(out / "stage2"),
+        "model": {"safety_modules": "train"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "loss": {"cls_weight": 1.0, "lm_weight": 1.0},
+        # More clean samples than in stage 1, so that refusing is learned without over-refusing.
+        "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio},
+        "optim": {"lr": settings.stage2_lr, "epochs": settings.stage2_epochs, "warmup_steps": 20,
+                  "batch_size": settings.batch_size // 2, "scheduler": "cosine"},
+    })
+    stage2 = run_stage(stage2_config, model=model, processor=processor,
+                       train_records=splits["train"], val_records=splits["val"][:128])
+    model = stage2.model.eval()
+
+    banner("6/6 after: the safety-aligned model's answers, report")
+    after_answers = generate_answers(
+        lambda inputs: model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False),
+        processor, test_subset, data_dir, settings, "generating (safe)", progress,
+    )
+    after = answer_metrics(test_subset, after_answers)
+    examples = guarded_examples(model, processor, splits["test"], data_dir, settings)
+
+    report = {
+        "settings": asdict(settings),
+        "base": {"params": base_params, "vision_pretraining": vision_info, "multimodal_pretraining": lm_info},
+        "safety_params": sum(p.numel() for p in model.safety_parameters()),
+        "data": {s: len(r) for s, r in splits.items()},
+        "stage1": {**stage1_metrics, "val": stage1.metrics, "adapter": str(stage1.adapter_dir)},
+        "stage2": {"val": stage2.metrics, "adapter": str(stage2.adapter_dir)},
+        "before": before,
+        "after": after,
+        "guarded_examples": examples,
+        "samples": [
+            {"id": r.id, "risk_type": model.config.taxonomy.type_name(r.risk_type), "risk_level": r.risk_level,
+             "prompt": r.prompt, "before": b, "after": a}
+            for r, b, a in list(zip(test_subset, before_answers, after_answers))[:12]
+        ],
+    }
+    report["plots"] = _plots(out, report, type_true, type_pred, list(model.config.type_names))
+    report["seconds"] = round(time.time() - start, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    return report
+
+
+def guarded_examples(model, processor, records, image_root, settings: DemoSettings) -> list[dict]:
+    """A few answers under the default policy: one input per action where the head gives one."""
+    from safevlm.data import open_image
+    from safevlm.guarded import generate_guarded
+
+    picks = []
+    for want in ((0, 6), (1, None), (2, None), (3, None)):
+        for r in records:
+            if r.risk_level == want[0] and (want[1] is None or r.risk_type == want[1]) and r not in picks:
+                picks.append(r)
+                break
+    results = generate_guarded(model, processor, [open_image(r, image_root) for r in picks],
+                               [r.prompt for r in picks], "default", max_new_tokens=settings.max_new_tokens)
+    return [{"prompt": r.prompt, "true_type": model.config.taxonomy.type_name(r.risk_type),
+             "true_level": r.risk_level, **res.to_dict()} for r, res in zip(picks, results)]
+
+
+__all__ = ["DemoSettings", "answer_metrics", "run_demo"]

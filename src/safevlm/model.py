@@ -189,9 +189,14 @@ class SafeVLM(nn.Module):
     def safety_projector_dtype(self):
         return next(self.safety_projector.parameters()).dtype
 
-    def build_inputs_embeds(self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None):
+    def build_inputs_embeds(
+        self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, safety_state=None
+    ):
         """LLM inputs with image embeds scattered in and prefix tokens inserted before the first
         image token (or the first attended token when there is no image).
+
+        ``safety_state`` (B, W) is the head's pooled state for conditioned prefix tokens; when it
+        is needed and not given, the head is run here (no second vision pass).
 
         Returns (inputs_embeds (B, L+P, D), attention_mask (B, L+P), labels (B, L+P) or None).
         """
@@ -204,7 +209,9 @@ class SafeVLM(nn.Module):
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
         has_image = image_mask.any(dim=1)
         anchor = torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
-        return self.prefix_tokens.insert(embeds, attention_mask, anchor, labels)
+        if self.prefix_tokens.conditioned and safety_state is None:
+            safety_state = self._head(input_ids, attention_mask, vision_features, labels).pooled
+        return self.prefix_tokens.insert(embeds, attention_mask, anchor, labels, safety_state)
 
     @staticmethod
     def position_ids(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -253,8 +260,10 @@ class SafeVLM(nn.Module):
 
         if compute_lm:
             self._check_images(input_ids, vision_features)
+            # The LM loss trains the prefix tokens but never moves the head: detached, the head
+            # stays a classifier trained by the classification loss alone.
             embeds, mask, full_labels = self.build_inputs_embeds(
-                input_ids, attention_mask, vision_features, labels, token_embeds
+                input_ids, attention_mask, vision_features, labels, token_embeds, head.pooled.detach()
             )
             out.logits = self.backbone.language_forward(embeds, mask, self.position_ids(mask))
             if full_labels is not None:

@@ -1,24 +1,24 @@
-"""`safevlm demo`: the main job on the embedded default."""
+"""`safevlm demo`: the main job on the embedded default (the whole method, a few minutes on CPU)."""
 
 from __future__ import annotations
-
-import json
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="Run the method end to end on the embedded tiny model.",
-        description="Build the embedded tiny LLaVA, add safety modules and run guard + generation.",
+        "demo", help="Run the whole method end to end on the embedded tiny model.",
+        description="Build the embedded tiny LLaVA, pre-train it, make synthetic safety data, run "
+        "stage 1 and stage 2, and report before/after safety metrics with plots and guarded answers.",
     )
-    parser.add_argument("--out", default="demo_out", help="Output folder for the report.")
+    parser.add_argument("--out", default="demo_out", help="Output folder (report.json, report.md, plots, adapters).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     parser.set_defaults(func=command)
 
 
 def command(args) -> int:
-    from safevlm.demo import run_demo
+    from safevlm.demo import DemoSettings, run_demo
 
-    result = run_demo(args.out, seed=args.seed)
-    print(json.dumps(result, indent=2))
-    print(f"report written to {args.out}/report.json")
+    report = run_demo(args.out, DemoSettings(seed=args.seed), show_progress=not args.quiet)
+    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    print(f"report: {args.out}/report.json, {args.out}/report.md")
     return 0

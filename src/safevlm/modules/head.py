@@ -18,12 +18,13 @@ from safevlm.config import SafetyConfig
 @dataclass
 class SafetyHeadOutput:
     """level_logits (B, num_levels), type_logits (B, num_types); probabilities are calibrated
-    with the head's temperatures."""
+    with the head's temperatures; pooled (B, head width) is the state the classifiers read."""
 
     level_logits: torch.Tensor
     type_logits: torch.Tensor
     level_probs: torch.Tensor
     type_probs: torch.Tensor
+    pooled: torch.Tensor | None = None
 
 
 class _CrossAttentionLayer(nn.Module):
@@ -125,4 +126,5 @@ class SafetyHead(nn.Module):
             type_logits=type_logits,
             level_probs=torch.softmax(level_logits.float() / self.level_temperature, dim=-1),
             type_probs=torch.softmax(type_logits.float() / self.type_temperature, dim=-1),
+            pooled=pooled,
         )

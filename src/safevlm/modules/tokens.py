@@ -13,12 +13,27 @@ from safevlm.config import SafetyConfig
 
 
 class PrefixSafetyTokens(nn.Module):
-    """P learned embeddings (P, D) and the logic to insert them into a batch."""
+    """P learned embeddings (P, D) and the logic to insert them into a batch.
+
+    With ``prefix_conditioning="head"`` every prefix token also gets ``condition(pooled)``, a
+    projection of the safety head's pooled state (B, W) -> (B, D), so the LLM can condition on
+    this input's risk. The projection starts at zero: an untrained model behaves exactly like
+    static prefix tokens.
+    """
 
     def __init__(self, config: SafetyConfig, init_std: float = 0.02):
         super().__init__()
         self.num_tokens = config.num_prefix_tokens
         self.embeddings = nn.Parameter(torch.randn(config.num_prefix_tokens, config.text_hidden_size) * init_std)
+        self.condition = None
+        if config.prefix_conditioning == "head" and config.num_prefix_tokens > 0:
+            self.condition = nn.Linear(config.head_hidden_size, config.text_hidden_size)
+            nn.init.zeros_(self.condition.weight)
+            nn.init.zeros_(self.condition.bias)
+
+    @property
+    def conditioned(self) -> bool:
+        return self.condition is not None
 
     def insert(
         self,
@@ -26,10 +41,12 @@ class PrefixSafetyTokens(nn.Module):
         attention_mask: torch.Tensor,
         anchor: torch.LongTensor,
         labels: torch.LongTensor | None = None,
+        safety_state: torch.Tensor | None = None,
     ):
         """Insert the P tokens at position ``anchor[b]`` of each sample b.
 
-        inputs_embeds (B, L, D), attention_mask (B, L), anchor (B,), labels (B, L) ->
+        inputs_embeds (B, L, D), attention_mask (B, L), anchor (B,), labels (B, L),
+        safety_state (B, W) the head's pooled state (needed when conditioned) ->
         embeds (B, L+P, D), mask (B, L+P), labels (B, L+P) with -100 at the prefix.
         """
         p = self.num_tokens
@@ -44,6 +61,10 @@ class PrefixSafetyTokens(nn.Module):
 
         gathered = torch.gather(inputs_embeds, 1, src.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
         prefix = self.embeddings.to(inputs_embeds.dtype)[prefix_index]
+        if self.condition is not None:
+            if safety_state is None:
+                raise ValueError("conditioned prefix tokens need the safety head's pooled state")
+            prefix = prefix + self.condition(safety_state.to(self.condition.weight.dtype)).to(prefix.dtype).unsqueeze(1)
         embeds = torch.where(in_prefix.unsqueeze(-1), prefix, gathered)
         mask = torch.where(in_prefix, torch.ones_like(src), torch.gather(attention_mask.long(), 1, src))
         mask = mask.to(attention_mask.dtype)
