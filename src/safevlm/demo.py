@@ -505,20 +505,26 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
 
 
 def guarded_examples(model, processor, records, image_root, settings: DemoSettings) -> list[dict]:
-    """A few answers under the default policy: one input per action where the head gives one."""
+    """Answers under the default policy: the first held-out input for each action the policy
+    takes (allow / hint / refuse), found with the guard alone, then generated with the guard."""
     from safevlm.data import open_image
-    from safevlm.guarded import generate_guarded
+    from safevlm.guarded import classify, generate_guarded
 
-    picks = []
-    for want in ((0, 6), (1, None), (2, None), (3, None)):
-        for r in records:
-            if r.risk_level == want[0] and (want[1] is None or r.risk_type == want[1]) and r not in picks:
-                picks.append(r)
-                break
-    results = generate_guarded(model, processor, [open_image(r, image_root) for r in picks],
-                               [r.prompt for r in picks], "default", max_new_tokens=settings.max_new_tokens)
+    candidates = records[: 4 * settings.batch_size]
+    picks: dict[str, object] = {}
+    for i in range(0, len(candidates), settings.batch_size):
+        chunk = candidates[i:i + settings.batch_size]
+        decisions = classify(model, processor, [open_image(r, image_root) for r in chunk], [r.prompt for r in chunk],
+                             "default")
+        for record, decision in zip(chunk, decisions):
+            picks.setdefault(decision.action, record)
+        if len(picks) == 3:
+            break
+    chosen = [picks[a] for a in ("allow", "hint", "refuse") if a in picks]
+    results = generate_guarded(model, processor, [open_image(r, image_root) for r in chosen],
+                               [r.prompt for r in chosen], "default", max_new_tokens=settings.max_new_tokens)
     return [{"prompt": r.prompt, "true_type": model.config.taxonomy.type_name(r.risk_type),
-             "true_level": r.risk_level, **res.to_dict()} for r, res in zip(picks, results)]
+             "true_level": r.risk_level, **res.to_dict()} for r, res in zip(chosen, results)]
 
 
 __all__ = ["DemoSettings", "answer_metrics", "run_demo"]
