@@ -273,3 +273,32 @@ def test_conditioned_prefix_tokens_start_static_and_carry_the_head_state(tiny):
     assert (embeds[0, first0] - embeds[1, first1]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="unknown prefix_conditioning 'film'; allowed: head, none"):
         SafetyConfig(prefix_conditioning="film")
+
+
+def test_generate_reuses_the_guard_state_without_a_second_head_pass(tiny):
+    base, processor = tiny
+    torch.manual_seed(0)
+    model = SafeVLM(base, num_prefix_tokens=3, num_query_tokens=4, head_num_heads=4).eval()
+    with torch.no_grad():
+        model.prefix_tokens.condition.weight.normal_()
+    inputs = make_inputs(processor, PROMPTS)
+    guard = model.guard(**inputs)
+    assert guard.safety_state.shape == (2, model.config.head_hidden_size)
+    calls, handle = _count_calls(model.safety_head)
+    try:
+        reused = model.generate(**inputs, vision_features=guard.vision_features, safety_state=guard.safety_state,
+                                max_new_tokens=4, do_sample=False)
+        assert not calls
+        fresh = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    assert torch.equal(reused, fresh)
+
+
+def test_from_pretrained_resolves_dtype_names(tmp_path, tiny, safe_model):
+    safe_model.save_pretrained(tmp_path)
+    loaded = SafeVLM.from_pretrained(tiny[0], tmp_path, torch_dtype="auto")
+    assert loaded.safety_head.level_classifier.weight.dtype == tiny[0].lm_head.weight.dtype
+    with pytest.raises(ValueError, match="unknown torch_dtype 'float99'"):
+        SafeVLM.from_pretrained(tiny[0], tmp_path, torch_dtype="float99")

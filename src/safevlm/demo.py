@@ -274,8 +274,6 @@ def answer_metrics(records, answers) -> dict:
 
 def head_evaluation(model, processor, records, image_root, settings: DemoSettings) -> tuple[dict, list, list]:
     """Head metrics on held-out records from the prompt alone (as at inference)."""
-    import torch
-
     from safevlm.train.metrics import head_metrics
 
     level_pred, type_pred = [], []
@@ -287,7 +285,6 @@ def head_evaluation(model, processor, records, image_root, settings: DemoSetting
     level_true = [r.risk_level for r in records]
     type_true = [r.risk_type for r in records]
     metrics = head_metrics(level_true, level_pred, type_true, type_pred)
-    del torch
     return {k: round(float(v), 4) for k, v in metrics.items()}, type_true, type_pred
 
 

@@ -245,6 +245,7 @@ class _Batch:
             pixels = pixel_values(processor, [self.images[i] for i in image_idx]).to(_device(model))
             self.vision_features = model.encode_images(pixels)  # the one vision pass
         self.decisions: list[Decision | None] = [None] * n
+        self.safety_states: list = [None] * n  # the head's pooled state per input, reused by generate
         self.prompt_tokens = [0] * n
         self.tokens: dict[str, tuple] = {}  # group -> (input_ids, attention_mask) the head read
         for key, idx in self.groups.items():
@@ -268,6 +269,10 @@ class _Batch:
         try:
             out = self.model.guard(input_ids, attention_mask=attention_mask, vision_features=features)
             level_probs, type_probs = out.level_probs, out.type_probs
+            state = getattr(out, "safety_state", None)
+            if state is not None:
+                for row, i in enumerate(idx):
+                    self.safety_states[i] = state[row]
         except Exception as err:  # fail closed: a broken head must not let input through
             logger.exception("safety head failed on %d input(s)", len(idx))
             for i in idx:
@@ -363,6 +368,10 @@ def _generate(batch: _Batch, keep: list[int], results: list, generation_kwargs: 
     input_ids, attention_mask = tokens
     _check_context(model, input_ids, attention_mask, keep, generation_kwargs)
     features = batch.features(keep)
+    states = [batch.safety_states[i] for i in keep]
+    if all(state is not None for state in states):
+        # the head already read these inputs: its state conditions the prefix tokens (no second head pass)
+        generation_kwargs = {**generation_kwargs, "safety_state": torch.stack(states)}
     new_tokens = model.generate(input_ids, attention_mask=attention_mask, vision_features=features, **generation_kwargs)
     tokenizer = processor.tokenizer
     eos = _eos_ids(model, tokenizer, generation_kwargs)

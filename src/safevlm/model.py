@@ -57,7 +57,8 @@ class SafeVLMOutput:
 @dataclass
 class GuardOutput:
     """Outputs of :meth:`SafeVLM.guard`: probabilities (B, num_levels) / (B, num_types), the
-    argmax ids (B,), and the vision features (num_images, N, Dv) for reuse in generation."""
+    argmax ids (B,), and for reuse in generation the vision features (num_images, N, Dv) and
+    the head's pooled state (B, W) that conditions the prefix tokens."""
 
     level_logits: torch.Tensor
     type_logits: torch.Tensor
@@ -66,6 +67,7 @@ class GuardOutput:
     risk_level: torch.LongTensor
     risk_type: torch.LongTensor
     vision_features: torch.Tensor | None = None
+    safety_state: torch.Tensor | None = None
 
 
 class SafeVLM(nn.Module):
@@ -259,7 +261,6 @@ class SafeVLM(nn.Module):
             losses.append(cfg.cls_loss_weight * sum(cls_parts))
 
         if compute_lm:
-            self._check_images(input_ids, vision_features)
             # The LM loss trains the prefix tokens but never moves the head: detached, the head
             # stays a classifier trained by the classification loss alone.
             embeds, mask, full_labels = self.build_inputs_embeds(
@@ -298,11 +299,7 @@ class SafeVLM(nn.Module):
         if input_ids is None or not self.config.head_use_prompt:
             if vision_features is None:
                 raise ValueError("guard needs pixel_values/vision_features or input_ids")
-            safety_features = self.safety_projector(vision_features.to(self.safety_projector_dtype))
-            if input_ids is None:
-                head = self.safety_head(safety_features)
-            else:
-                head = self.safety_head(safety_features, None, None)
+            head = self.safety_head(self.safety_projector(vision_features.to(self.safety_projector_dtype)))
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
@@ -315,6 +312,7 @@ class SafeVLM(nn.Module):
             risk_level=head.level_probs.argmax(dim=-1),
             risk_type=head.type_probs.argmax(dim=-1),
             vision_features=vision_features,
+            safety_state=head.pooled,
         )
 
     # -- generation -------------------------------------------------------------------------------------
@@ -325,17 +323,22 @@ class SafeVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        safety_state: torch.Tensor | None = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
         """Generate with prefix tokens, one vision pass and the KV cache.
 
         Returns only the new tokens (B, T_new), as ``generate`` does from ``inputs_embeds``.
-        Pass ``vision_features`` from :meth:`guard` to reuse that vision pass.
+        Pass ``vision_features`` (and ``safety_state``) from :meth:`guard` to reuse that vision
+        pass (and that head pass); without ``safety_state`` the head runs here when the prefix
+        tokens are conditioned.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vision_features = self._vision(pixel_values, vision_features)
-        embeds, mask, _ = self.build_inputs_embeds(input_ids, attention_mask, vision_features)
+        embeds, mask, _ = self.build_inputs_embeds(
+            input_ids, attention_mask, vision_features, safety_state=safety_state
+        )
         generation_kwargs.setdefault("use_cache", True)
         return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
 
@@ -391,7 +394,7 @@ class SafeVLM(nn.Module):
         cls,
         base: str | os.PathLike | nn.Module,
         adapter_dir: str | os.PathLike | None = None,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
         **config_overrides,
@@ -399,7 +402,10 @@ class SafeVLM(nn.Module):
         """Load a base (folder or model) and, if given, a safety adapter folder onto it.
 
         With no adapter, fresh safety modules are built (``config_overrides`` set their fields).
+        ``torch_dtype``: a dtype, its name (``"bfloat16"``) or ``"auto"`` (the base's own dtype);
+        the safety modules are cast to it.
         """
+        torch_dtype = _resolve_dtype(torch_dtype)
         if isinstance(base, (str, os.PathLike)):
             base = load_base_model(base, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
         if device is not None:
@@ -421,11 +427,23 @@ class SafeVLM(nn.Module):
             model.load_safety_weights(adapter_dir)
         ref = model.backbone.lm_head.weight
         model.to(device=ref.device)
+        if torch_dtype == "auto":
+            torch_dtype = ref.dtype
         if torch_dtype is not None:
             for name in cls.SAFETY_MODULES:
                 getattr(model, name).to(torch_dtype)
         model.eval()
         return model
+
+
+def _resolve_dtype(torch_dtype):
+    """None, "auto" or a torch.dtype, from a dtype or its name; ValueError for anything else."""
+    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    value = getattr(torch, str(torch_dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use 'auto', a torch.dtype or a name like 'bfloat16'")
+    return value
 
 
 def check_base_signature(config: SafetyConfig, base_config, source: str) -> None:

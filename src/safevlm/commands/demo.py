@@ -16,9 +16,11 @@ def register(subparsers) -> None:
 
 
 def command(args) -> int:
+    from pathlib import Path
+
     from safevlm.demo import DemoSettings, run_demo
 
-    report = run_demo(args.out, DemoSettings(seed=args.seed), show_progress=not args.quiet)
-    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    run_demo(args.out, DemoSettings(seed=args.seed), show_progress=not args.quiet)
+    print((Path(args.out) / "report.md").read_text())
     print(f"report: {args.out}/report.json, {args.out}/report.md")
     return 0
