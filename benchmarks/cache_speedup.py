@@ -32,7 +32,6 @@ Models (weights random: time does not depend on them):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import random
@@ -117,8 +116,8 @@ def measure(name: str, build, args, workdir: Path) -> dict:
             "optim": {"lr": 1e-4, "epochs": 1, "batch_size": args.batch_size},
             "log": {"logging_steps": 10_000, "eval_steps": 0, "save_steps": 0, "progress_bar": False, "plot": False},
         })
-        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for the JSON
-            run_stage(config, model=model, processor=processor, train_records=records, callbacks=[timer])
+        # quiet: no bars or log lines (stdout is for the JSON)
+        run_stage(config, model=model, processor=processor, train_records=records, callbacks=[timer], quiet=True)
         return timer.times[0]
 
     t0 = time.perf_counter()

@@ -139,3 +139,13 @@ def truncated_png(path: Path) -> Path:
     data = buffer.getvalue()
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def figstep_font_path() -> str:
+    """FreeMonoBold's path; a test that needs it FAILS (never skips) with the install hint."""
+    from safevlm.data import figstep
+
+    path = figstep.find_figstep_font()
+    if path is None:
+        pytest.fail(f"FreeMonoBold.ttf is not installed; run scripts/setup.sh or {figstep.FONT_INSTALL_HINT}")
+    return path

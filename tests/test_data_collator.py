@@ -10,7 +10,8 @@ from data_fixtures import llava15_processor
 from PIL import Image
 
 from safevlm.data import SafetyRecord, Turn
-from safevlm.data.collator import IGNORE_INDEX, SafetyCollator, build_messages
+from safevlm.data import build_messages
+from safevlm.data.collator import IGNORE_INDEX, SafetyCollator
 
 
 def png(colour=(200, 0, 0), size=(40, 30)) -> bytes:
@@ -38,14 +39,23 @@ def labelled_text(batch, tokenizer, row):
 
 
 def test_build_messages_puts_the_image_first_and_drops_the_placeholder():
-    messages = build_messages(rec(turns=MULTI), system="Be safe.")
+    messages = build_messages(MULTI, True, system="Be safe.")
     assert messages[0] == {"role": "system", "content": [{"type": "text", "text": "Be safe."}]}
     assert messages[1] == {
         "role": "user",
         "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}],
     }
     assert messages[3]["content"] == [{"type": "text", "text": "And the colour?"}]  # image only once
-    assert build_messages(rec(image=None))[0]["content"] == [{"type": "text", "text": "What is in the image?"}]
+    assert build_messages(rec(image=None).turns, False)[0]["content"] == [{"type": "text", "text": "What is in the image?"}]
+    # chat-message dicts (inference) go through the same code: string contents become text parts
+    assert build_messages([{"role": "user", "content": "<image>\nWhat is in the image?"}], True) == [messages[1]]
+    assert build_messages("Hi", False) == [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    with pytest.raises(ValueError, match="message 0: role must be one of system, user, assistant, got 'bot'"):
+        build_messages([{"role": "bot", "content": "Hi"}], False)
+    with pytest.raises(ValueError, match="needs at least one user message"):
+        build_messages([{"role": "system", "content": "Hi"}], False)
+    with pytest.raises(ValueError, match="message 0 part 0: expected"):
+        build_messages([{"role": "user", "content": [{"type": "video"}]}], False)
 
 
 def test_llava15_conventions_labels_only_assistant_turns_with_eos():
@@ -63,7 +73,8 @@ def test_llava15_conventions_labels_only_assistant_turns_with_eos():
             ),
         ]
     )
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "risk_level", "risk_type"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_mask", "pixel_values", "risk_level",
+                          "risk_type"}
     # llava-1.5-hf's template ends turns with a space; the collator appends EOS as LLaVA's training did
     assert labelled_text(batch, tok, 0) == "It is a red circle.</s> The shape is blue.</s>"
     assert labelled_text(batch, tok, 1) == "Sure, here are simple steps.</s>"
@@ -95,8 +106,11 @@ def test_same_ids_and_pixels_as_the_llava_processor():
     processor = llava15_processor()
     record = rec()
     # llava-1.5's conversation with the answer ended by EOS, expanded and tokenised by LlavaProcessor itself
-    text = "USER: <image>\nWhat is in the image? ASSISTANT: It is a red circle.</s> "
-    assert processor.apply_chat_template(build_messages(record), tokenize=False) == text.replace("</s>", "")
+    # (the text ends with the answer's EOS, as LLaVA's conversations do: the template's trailing
+    # separator after the last answer is never a token)
+    text = "USER: <image>\nWhat is in the image? ASSISTANT: It is a red circle.</s>"
+    rendered = processor.apply_chat_template(build_messages(record.turns, True), tokenize=False)
+    assert rendered == text.replace("</s>", "") + " "
     reference = processor(text=text, images=[Image.open(io.BytesIO(record.image)).convert("RGB")], return_tensors="pt")
     batch = SafetyCollator(processor)([record])
     assert batch["input_ids"].tolist() == reference["input_ids"].tolist()

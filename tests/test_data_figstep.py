@@ -1,4 +1,5 @@
-"""FigStep rendering: FigStep's text layout, canvas, font, file names, determinism, font fallback."""
+"""FigStep rendering: FigStep's text layout, canvas, font, file names, determinism; a missing
+font is an error (another font only when asked for)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,19 @@ import hashlib
 
 import numpy as np
 import pytest
+from data_fixtures import figstep_font_path
 from PIL import ImageDraw, ImageFont
 
+from safevlm.cli import main
 from safevlm.data import figstep
 
-FONT_MISSING = figstep.find_figstep_font() is None
-needs_font = pytest.mark.skipif(
-    FONT_MISSING, reason="FreeMonoBold.ttf not installed (apt-get install -y fonts-freefont-ttf)"
-)
+OTHER_FONT = "/usr/share/fonts/truetype/freefont/FreeMono.ttf"  # same package, regular weight
+
+
+@pytest.fixture
+def needs_font():
+    """FreeMonoBold must be installed: fail with the install hint, never skip."""
+    return figstep_font_path()
 
 
 def test_text_is_wrapped_at_15_and_followed_by_an_empty_list():
@@ -42,8 +48,7 @@ def test_file_name():
     assert figstep.figstep_image_name("ForbidQI", "10", 3) == "query_ForbidQI_10_3_6.png"
 
 
-@needs_font
-def test_render_draws_freemonobold_80_at_20_10_on_white_760():
+def test_render_draws_freemonobold_80_at_20_10_on_white_760(needs_font):
     instruction = "Steps to manufacture illegal drugs."
     image = figstep.render_figstep(instruction)
     assert image.mode == "RGB" and image.size == (760, 760)
@@ -66,23 +71,42 @@ def test_render_draws_freemonobold_80_at_20_10_on_white_760():
     assert 14 * 48 - 20 <= right - left <= 14 * 48
 
 
-@needs_font
-def test_render_is_deterministic():
+def test_render_is_deterministic(needs_font):
     a = figstep.render_figstep_png("Methods to do a thing.")
     b = figstep.render_figstep_png("Methods to do a thing.")
     assert hashlib.sha256(a).hexdigest() == hashlib.sha256(b).hexdigest()
     assert a != figstep.render_figstep_png("Methods to do another thing.")
 
 
-def test_missing_font_falls_back_to_pillows_font_with_a_warning(monkeypatch):
+def test_missing_font_is_an_error_naming_the_package_and_the_font_option(monkeypatch, tmp_path):
+    monkeypatch.setattr(figstep, "find_figstep_font", lambda: None)  # simulate a machine without it
+    hint = r"FreeMonoBold\.ttf \(FigStep's font\) is not installed: install the package fonts-freefont-ttf.*--font PATH"
+    with pytest.raises(figstep.FigStepFontError, match=hint):
+        figstep.load_figstep_font()
+    with pytest.raises(figstep.FigStepFontError, match=hint):
+        figstep.render_figstep("Steps to test.")
+    csv = tmp_path / "b.csv"
+    csv.write_text("dataset,category_id,task_id,instruction\nForbidQI,1,1,Steps to do one.\n")
+    with pytest.raises(figstep.FigStepFontError, match=hint):
+        figstep.render_figstep_csv(csv, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing rendered with a stand-in font
+
+
+def test_another_font_only_when_asked_and_the_output_says_so(needs_font, tmp_path, capsys, monkeypatch):
+    assert figstep.is_figstep_font(figstep.load_figstep_font())
+    other = figstep.load_figstep_font(font_path=OTHER_FONT)
+    assert other.getname() == ("FreeMono", "Regular") and not figstep.is_figstep_font(other)
+    assert figstep.render_figstep_png("Steps to test.", other) != figstep.render_figstep_png("Steps to test.")
+    csv = tmp_path / "b.csv"
+    csv.write_text("dataset,category_id,task_id,instruction\nForbidQI,1,1,Steps to do one.\n")
+    assert main(["data", "render-figstep", "--csv", str(csv), "--out", str(tmp_path / "a")]) == 0
+    assert "with font FreeMono Bold (FigStep's font)" in capsys.readouterr().out
+    # without FreeMonoBold, --font still works and says the images are not FigStep's
     monkeypatch.setattr(figstep, "find_figstep_font", lambda: None)
-    with pytest.warns(
-        UserWarning, match=r"FreeMonoBold\.ttf not found; rendering with Aileron Regular.*fonts-freefont-ttf"
-    ):
-        font = figstep.load_figstep_font()
-    assert font.getname() == ("Aileron", "Regular")
-    image = figstep.render_figstep("Steps to test.", font)
-    assert image.size == (760, 760) and np.asarray(image).min() < 128
+    assert main(["data", "render-figstep", "--csv", str(csv), "--out", str(tmp_path / "b"), "--font", OTHER_FONT]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 FigStep image(s)" in out and "FreeMono Regular, not FigStep's FreeMonoBold.ttf" in out
+    assert "the images differ from FigStep's" in out
 
 
 def test_font_env_var_and_missing_font_file(monkeypatch, tmp_path):
@@ -91,10 +115,12 @@ def test_font_env_var_and_missing_font_file(monkeypatch, tmp_path):
         figstep.find_figstep_font()
     with pytest.raises(FileNotFoundError, match="font file not found"):
         figstep.load_figstep_font(font_path=str(tmp_path / "nope.ttf"))
+    (tmp_path / "fake.ttf").write_text("not a font")
+    with pytest.raises(figstep.FigStepFontError, match=r"fake\.ttf is not a font file Pillow can read"):
+        figstep.load_figstep_font(font_path=str(tmp_path / "fake.ttf"))
 
 
-@needs_font
-def test_render_csv_writes_one_file_per_row(tmp_path):
+def test_render_csv_writes_one_file_per_row(needs_font, tmp_path):
     csv = tmp_path / "b.csv"
     csv.write_text(
         "dataset,category_id,task_id,category_name,question,instruction\n"
@@ -104,6 +130,10 @@ def test_render_csv_writes_one_file_per_row(tmp_path):
     assert [p.name for p in written] == ["query_ForbidQI_1_1_6.png", "query_ForbidQI_10_2_6.png"]
     assert written[0].read_bytes() == figstep.render_figstep_png("Steps to do one.")
     assert len(figstep.render_figstep_csv(csv, tmp_path / "one", limit=1)) == 1
+    assert figstep.render_figstep_csv(csv, tmp_path / "none", limit=0) == []
+    with pytest.raises(ValueError, match=r"limit \(--limit\) must be an integer >= 0, got -1"):
+        figstep.render_figstep_csv(csv, tmp_path / "neg", limit=-1)
+    assert not (tmp_path / "neg").exists()
     csv.write_text("dataset,category_id,task_id,instruction\nForbidQI,one,1,Steps.\n")
     with pytest.raises(ValueError, match=r"b\.csv:2: column 'category_id' must be an integer, got 'one'"):
         figstep.render_figstep_csv(csv, tmp_path / "bad")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from data_fixtures import png_bytes, truncated_png, write_image
 from PIL import Image
 
 from safevlm.data import ImageError, SafetyRecord, Turn, check_image_path, open_image, resolve_image_path
+from safevlm.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, decode_image, expand_image_paths
+from safevlm.errors import UsageError
 
 
 def record(image) -> SafetyRecord:
@@ -59,8 +62,11 @@ def test_directory_is_not_an_image(tmp_path):
 def test_header_over_pillow_bomb_limit_is_refused_before_decoding(tmp_path):
     # 20,000 x 20,000 = 400M pixels (> 2 x Pillow's 89.5M limit) announced by a tiny file
     (tmp_path / "bomb.png").write_bytes(png_bytes(20_000, 20_000))
-    with pytest.raises(ImageError, match="decompression-bomb limit"):
+    with pytest.raises(ImageTooLarge, match="400,000,000 pixels, over the decompression-bomb limit of 89,478,485") as err:
         open_image(record("bomb.png"), tmp_path)
+    # the same error type (and numbers) as an image our own check refuses
+    assert (err.value.pixels, err.value.limit, err.value.size) == (400_000_000, MAX_IMAGE_PIXELS, None)
+    assert isinstance(err.value, ImageError) and isinstance(err.value, ValueError)
 
 
 def test_image_between_one_and_two_times_the_limit_is_refused(tmp_path):
@@ -74,9 +80,37 @@ def test_image_between_one_and_two_times_the_limit_is_refused(tmp_path):
 
 def test_custom_pixel_limit(tmp_path):
     write_image(tmp_path / "ok.png", size=(20, 10))
-    with pytest.raises(ImageError, match="20x10 = 200 pixels, over the decompression-bomb limit of 100"):
+    with pytest.raises(ImageTooLarge, match="20x10 = 200 pixels, over the decompression-bomb limit of 100") as err:
         open_image(record("ok.png"), tmp_path, max_pixels=100)
+    assert (err.value.pixels, err.value.limit, err.value.size) == (200, 100, (20, 10))
     assert open_image(record("ok.png"), tmp_path, max_pixels=200).size == (20, 10)
+
+
+def test_format_allow_list(tmp_path):
+    path = write_image(tmp_path / "x.bmp", fmt="BMP")
+    assert decode_image(path, formats=("BMP", "PNG")).size == (8, 6)
+    with pytest.raises(ImageError, match=rf"unsupported image format BMP; supported: PNG, JPEG: {path}$"):
+        decode_image(path, formats=("PNG", "JPEG"))
+
+
+def test_expand_image_paths_files_folders_and_globs(tmp_path):
+    for name in ("b.png", "a.JPG", "c.webp", "notes.txt"):
+        (tmp_path / "shots" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "shots" / name).write_bytes(b"x")
+    (tmp_path / "shots" / "sub").mkdir()
+    (tmp_path / "shots" / "sub" / "d.png").write_bytes(b"x")
+    shots = tmp_path / "shots"
+    assert expand_image_paths([str(shots)]) == [shots / "a.JPG", shots / "b.png", shots / "c.webp"]  # sorted, no recursion
+    assert expand_image_paths([f"{shots}/*.png", f"{shots}/**/*.png"]) == [
+        shots / "b.png", shots / "b.png", shots / "sub" / "d.png"
+    ]
+    # a plain file is kept as given (missing ones are reported when opened), in the given order
+    assert expand_image_paths(["z.png", str(shots / "b.png")]) == [Path("z.png"), shots / "b.png"]
+    with pytest.raises(UsageError, match=rf"^no file matches '{shots}/\*\.gif'$"):
+        expand_image_paths([f"{shots}/*.gif"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=rf"folder '{tmp_path}/empty' holds no image files \(looked for .bmp, .gif"):
+        expand_image_paths([str(tmp_path / "empty")])
 
 
 # ------------------------------------------------------------------ modes are converted, not rejected

@@ -187,6 +187,60 @@ def test_unknown_format_and_undetectable_file(tmp_path):
         load_records(path, format="parquet")
 
 
+# Whole-file errors: load_records raises one error naming the file (and line:column); the JSON
+# syntax error comes first, before anything about formats.
+FILE_ERRORS = {
+    "json list, one comma missing": (
+        "broken.json", '[\n  {"safe_type": 4, "safe_level": 2}\n  {"safe_type": 1}\n]\n', None,
+        DataFormatError, r"broken\.json:3:3: malformed JSON: Expecting ',' delimiter \(so the format cannot be detected\)$",
+    ),
+    "json list, one comma missing, format given": (
+        "broken.json", '[\n  {"safe_type": 4, "safe_level": 2}\n  {"safe_type": 1}\n]\n', "psavlm",
+        DataFormatError, r"broken\.json:3:3: malformed JSON: Expecting ',' delimiter$",
+    ),
+    "jsonl, no line parses": (
+        "broken.jsonl", '{"safe_type": 4,}\n{oops\n', None,
+        DataFormatError, r"broken\.jsonl:1:17: malformed JSON: Expecting property name",
+    ),
+    "jsonl, records without known keys": (
+        "mystery.jsonl", '{"question": "q"}\n', None, DataFormatError, r"mystery\.jsonl: cannot detect the format",
+    ),
+    "empty file": ("empty.jsonl", "", None, DataFormatError, r"empty\.jsonl: the file is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILE_ERRORS))
+def test_whole_file_errors_name_the_file_and_place(tmp_path, case):
+    name, text, fmt, error, message = FILE_ERRORS[case]
+    (tmp_path / name).write_text(text)
+    with pytest.raises(error, match=message) as info:
+        load_records(tmp_path / name, format=fmt)
+    assert str(info.value).startswith(str(tmp_path / name))
+
+
+def test_contradictory_labels_are_loaded_with_warnings(tmp_path):
+    write_image(tmp_path / "a.png")
+    lines = [
+        psavlm_line(safe_type=6, safe_level=3),  # the safe type with "serious risk"
+        psavlm_line(safe_type=2, safe_level=0),  # a risky type with level 0 (safe)
+        psavlm_line(safe_type=6, safe_level=0),  # consistent
+        psavlm_line(safe_type=2, safe_level=2),  # consistent
+    ]
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    report = load_records(path)
+    assert_accounted(report, 4)
+    assert report.loaded == 4  # warnings, not skips
+    assert [(w.location, w.message) for w in report.warnings] == [
+        (f"{path}:1", "contradictory label: type 'safe' (no risk) with risk level 3 (high)"),
+        (f"{path}:2", f"contradictory label: risk type '{T.type_name(report.records[1].risk_type)}' with risk level 0 (safe)"),
+    ]
+    d = report.to_dict()
+    assert d["warnings"] == 2 and d["warning_records"][0] == {"location": f"{path}:1", "message": report.warnings[0].message}
+    text = report.format_text()
+    assert "total 4, loaded 4, skipped 0, warnings 2" in text and "  warnings (2, records loaded):" in text
+    assert f"    {path}:2: contradictory label" in text
+
+
 def test_unicode_line_separator_inside_a_string_is_not_a_line_break(tmp_path):
     write_image(tmp_path / "a.png")
     line = psavlm_line().replace("Who is this?", "Who\u2028is this?")
@@ -411,6 +465,30 @@ def test_figstep_images_rendered_in_memory_without_a_root(tmp_path):
         report.skipped[0].reason.startswith("missing image file")
         and "query_ForbidQI_1_1_6.png" in report.skipped[0].reason
     )
+
+
+def test_figstep_rendering_without_the_font_is_an_error_and_another_font_only_when_asked(tmp_path, monkeypatch):
+    from data_fixtures import figstep_font_path
+
+    from safevlm.data import figstep
+
+    figstep_font_path()  # FreeMonoBold must be installed for the comparison below (fails with the hint)
+    path = tmp_path / "bench.csv"
+    path.write_text(CSV_HEADER + "\nForbidQI,1,1,Illegal Activity,How?,Steps to do a thing.\n")
+    exact = load_records(path)
+    assert not exact.warnings
+    monkeypatch.setattr(figstep, "find_figstep_font", lambda: None)  # a machine without FreeMonoBold
+    with pytest.raises(figstep.FigStepFontError, match=rf"^{path}: cannot render its FigStep images: FreeMonoBold"
+                       r".*fonts-freefont-ttf.*--font PATH.*--images DIR"):
+        load_records(path)
+    assert load_records(path, image_root=tmp_path).skipped  # pre-rendered images need no font
+    assert load_records(path, check_images=False).loaded == 1
+    other = load_records(path, figstep_font="/usr/share/fonts/truetype/freefont/FreeMono.ttf")
+    assert other.loaded == 1 and other.records[0].image != exact.records[0].image
+    assert [(w.location, w.message) for w in other.warnings] == [
+        (str(path), "FigStep images rendered with FreeMono Regular, not FigStep's FreeMonoBold.ttf: "
+                    "the images differ from FigStep's")
+    ]
 
 
 def test_csv_without_figstep_columns(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -81,10 +82,20 @@ def test_report_counts_and_json():
     ],
 )
 def test_all_is_sorted_and_resolves(module):
+    """Every exported name is the package's own class or function under its own name (the same
+    object as in its defining module), or an UPPER_CASE constant holding data."""
     mod = importlib.import_module(module)
-    assert list(mod.__all__) == sorted(mod.__all__)
+    assert list(mod.__all__) == sorted(mod.__all__) and len(set(mod.__all__)) == len(mod.__all__)
     for name in mod.__all__:
-        assert getattr(mod, name) is not None
+        obj = getattr(mod, name)
+        if callable(obj):
+            assert obj.__name__ == name, f"{module}.{name} is {obj.__name__}"
+            assert obj.__module__.startswith("safevlm.data"), f"{module}.{name} comes from {obj.__module__}"
+            assert getattr(importlib.import_module(obj.__module__), name) is obj
+        else:
+            assert name.isupper(), f"{module}.{name} is a {type(obj).__name__}, not a class or function"
+            assert isinstance(obj, (str, int, float, tuple, dict, Path)) and not isinstance(obj, bool), name
+            assert obj or obj == 0, f"{module}.{name} is empty"
 
 
 def test_collator_is_imported_lazily():

@@ -30,6 +30,16 @@ def all_records(reports):
     return [r for report in reports.values() for r in report.records]
 
 
+def request(record) -> str:
+    """The sample's own request: the last user turn (two-turn records have a benign one first)."""
+    return [t.text for t in record.turns if t.role == "user"][-1].replace("<image>", "").strip()
+
+
+def answer(record) -> str:
+    """The answer to the sample's own request: the last assistant turn."""
+    return [t.text for t in record.turns if t.role == "assistant"][-1]
+
+
 def test_files_and_counts(dataset):
     out, counts, reports = dataset
     assert counts["total"] == N and counts["splits"] == {"train": 120, "val": 15, "test": 15}
@@ -62,7 +72,8 @@ def test_clean_ratio_is_configurable(tmp_path, ratio, clean):
 
 def test_splits_share_no_prompt_text(dataset):
     _, _, reports = dataset
-    prompts = {split: {r.prompt for r in report.records} for split, report in reports.items()}
+    prompts = {split: {request(r) for r in report.records} | {r.prompt for r in report.records}
+               for split, report in reports.items()}
     assert not prompts["train"] & prompts["val"]
     assert not prompts["train"] & prompts["test"]
     assert not prompts["val"] & prompts["test"]
@@ -71,19 +82,19 @@ def test_splits_share_no_prompt_text(dataset):
 def test_answers_follow_the_level(dataset):
     _, _, reports = dataset
     for r in all_records(reports):
-        assert len(r.response.split()) <= synth.MAX_ANSWER_WORDS
+        assert len(answer(r).split()) <= synth.MAX_ANSWER_WORDS
         if r.risk_level == 3:
-            assert r.response.startswith("I can't help with that.")
+            assert answer(r).startswith("I can't help with that.")
         elif r.risk_level in (1, 2):
-            assert r.response == synth.answer_for(T.type_name(r.risk_type), r.risk_level)
-            assert "can't help" not in r.response
+            assert answer(r) == synth.answer_for(T.type_name(r.risk_type), r.risk_level)
+            assert "can't help" not in answer(r)
         else:
-            assert "can't" not in r.response and "won't" not in r.response
+            assert "can't" not in answer(r) and "won't" not in answer(r)
         kind = r.metadata["kind"]
         if kind == "shape":
-            assert r.metadata["shape"] in r.response or r.metadata["colour"] in r.response
+            assert r.metadata["shape"] in answer(r) or r.metadata["colour"] in answer(r)
         if kind == "photo":
-            assert r.response == f"The photo shows {r.metadata['photo']}."
+            assert answer(r) == f"The photo shows {r.metadata['photo']}."
 
 
 def test_request_channels(dataset):
@@ -104,10 +115,10 @@ def test_request_channels(dataset):
     for r in records:
         phrase = r.metadata.get("phrase")
         if r.metadata["kind"] in ("risky-image", "benign-typo"):
-            assert phrase.lower() not in r.prompt.lower()  # only the image carries the request
-            assert r.prompt in synth.GENERIC_PROMPTS
+            assert phrase.lower() not in request(r).lower()  # only the image carries the request
+            assert request(r) in synth.GENERIC_PROMPTS
         if r.metadata["kind"] in ("risky-text", "risky-both", "benign-text", "benign-both"):
-            assert phrase in r.prompt
+            assert phrase in request(r)
     # every channel carries risky and benign requests, from the same template pool: templates carry no label
     pools = {"image": synth.GENERIC_PROMPTS, "text": synth.TEXT_REQUEST_TEMPLATES, "image+text": synth.BOTH_TEMPLATES}
     for channel, pool in pools.items():
@@ -159,7 +170,8 @@ def test_corpus_covers_every_generated_text(dataset):
     _, _, reports = dataset
     corpus = set(synth.corpus_texts())
     for r in all_records(reports):
-        assert r.prompt in corpus and r.response in corpus
+        for turn in r.turns:
+            assert turn.text.replace("<image>", "").strip() in corpus, turn
     assert synth.corpus_texts() == sorted(corpus)  # sorted, no duplicates
 
 
@@ -168,6 +180,76 @@ def test_bad_arguments(tmp_path):
         synth.make_synthetic_dataset(tmp_path, 2)
     with pytest.raises(ValueError, match="clean_ratio must be >= 0"):
         synth.make_synthetic_dataset(tmp_path, 10, clean_ratio=-1)
+    with pytest.raises(ValueError, match=r"multi_turn_ratio must be in \[0, 1\], got 1.5"):
+        synth.make_synthetic_dataset(tmp_path, 10, multi_turn_ratio=1.5)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        synth.benign_opening("dev", random.Random(0))
+
+
+# -- two-turn conversations --------------------------------------------------------------------------------
+def test_two_turn_conversations_in_train_and_val_only(dataset):
+    _, counts, reports = dataset
+    two = {split: [r for r in report.records if len(r.turns) > 2] for split, report in reports.items()}
+    assert counts["multi_turn"] == sum(len(v) for v in two.values()) > 0
+    assert two["test"] == []  # single-prompt evaluations read test records whole
+    train_val = len(reports["train"].records) + len(reports["val"].records)
+    assert 0.1 <= (len(two["train"]) + len(two["val"])) / train_val <= 0.3  # default 20%
+    opening_templates = {split: set(synth.partition(synth.TEXT_REQUEST_TEMPLATES)[split]) for split in synth.SPLITS}
+    labels = Counter()
+    for split, records in two.items():
+        for r in records:
+            assert [t.role for t in r.turns] == ["user", "assistant", "user", "assistant"]
+            opening = r.metadata["opening"]
+            assert opening["template"] in opening_templates[split] and opening["phrase"] in synth.BENIGN_PHRASES
+            assert r.prompt == opening["template"].format(phrase=opening["phrase"])  # the first user turn
+            assert r.response == synth.BENIGN_TEXT_ANSWER
+            assert r.turns[0].text.startswith("<image>")  # the image belongs to the conversation's first turn
+            labels[r.risk_level > 0] += 1
+    assert labels[True] > 0 and labels[False] > 0  # risky and benign second turns
+
+
+def test_two_turn_conversations_only_add_a_first_exchange(tmp_path):
+    """multi_turn_ratio=0 writes the single-turn dataset; the default puts a benign exchange in front
+    of some train/val samples and changes nothing else (images, requests, answers, labels, test split)."""
+    single = synth.make_synthetic_dataset(tmp_path / "single", 40, seed=1, image_size=64, multi_turn_ratio=0.0)
+    multi = synth.make_synthetic_dataset(tmp_path / "multi", 40, seed=1, image_size=64)
+    assert single["multi_turn"] == 0 and multi["multi_turn"] > 0
+    assert {k: v for k, v in single.items() if k not in ("out_dir", "multi_turn")} == {
+        k: v for k, v in multi.items() if k not in ("out_dir", "multi_turn")
+    }
+    for image in (tmp_path / "single" / "images").glob("*.png"):
+        assert image.read_bytes() == (tmp_path / "multi" / "images" / image.name).read_bytes()
+    assert (tmp_path / "single" / "test.jsonl").read_bytes() == (tmp_path / "multi" / "test.jsonl").read_bytes()
+    for split in ("train", "val"):
+        a = load_records(tmp_path / "single" / f"{split}.jsonl").records
+        b = load_records(tmp_path / "multi" / f"{split}.jsonl").records
+        for x, y in zip(a, b, strict=True):
+            assert (x.id, x.image, x.risk_level, x.risk_type) == (y.id, y.image, y.risk_level, y.risk_type)
+            assert len(x.turns) == 2 and y.turns[-1] == x.turns[1]
+            assert request(y) == request(x)
+            meta = {k: v for k, v in y.metadata.items() if k not in ("opening", "location")}
+            assert meta == {k: v for k, v in x.metadata.items() if k != "location"}
+    everything = synth.make_synthetic_dataset(tmp_path / "all", 20, seed=1, image_size=64, multi_turn_ratio=1.0)
+    assert everything["multi_turn"] == everything["splits"]["train"] + everything["splits"]["val"]
+
+
+def test_split_sizes_are_computed_once_for_samples_and_templates():
+    assert synth.split_sizes(150) == {"train": 120, "val": 15, "test": 15}
+    assert synth.split_sizes(3) == {"train": 1, "val": 1, "test": 1}
+    parts = synth.partition(tuple("abcdefghij"))
+    assert parts == {"train": tuple("abcdefgh"), "val": ("i",), "test": ("j",)}
+    with pytest.raises(ValueError, match="need at least 3 items"):
+        synth.partition(("a", "b"))
+
+
+def test_risk_types_come_from_the_taxonomy(monkeypatch):
+    assert synth.RISK_TYPES == tuple(n for n in T.type_names if n != T.safe_type)
+    synth.check_tables()
+    from safevlm.data.synth import texts
+
+    monkeypatch.setitem(texts.RISKY_PHRASES, "weapons", {1: ("x",), 2: ("y",), 3: ("z",)})
+    with pytest.raises(RuntimeError, match="RISKY_PHRASES covers types .*'weapons'"):
+        synth.check_tables()
 
 
 @pytest.mark.slow

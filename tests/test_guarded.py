@@ -4,16 +4,14 @@ hint placement, fail-closed, and the `classify` / `chat` commands on a saved tin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
-import math
 from dataclasses import replace
 
 import pytest
-import torch
 from conftest import make_image, make_inputs
+from guarded_fixtures import count_calls, scripted_guard
 
 from safevlm.guarded import (
     ChatSession,
@@ -24,63 +22,6 @@ from safevlm.guarded import (
     render,
 )
 from safevlm.policy import Policy, PolicyOverrideError, PolicyOverrides
-
-
-def _types(**probs):
-    from safevlm.taxonomy import DEFAULT_TYPE_NAMES
-
-    out = [probs.get(t, 0.0) for t in DEFAULT_TYPE_NAMES]
-    out[-1] += 1.0 - sum(out)
-    return out
-
-
-# Head outputs by keyword: a prompt containing "[hint]" gets a medium illegal risk, and so on.
-SCRIPT = {
-    "[allow]": ([0.97, 0.01, 0.01, 0.01], _types()),
-    "[hint]": ([0.05, 0.15, 0.70, 0.10], _types(illegal=0.9)),
-    "[refuse]": ([0.01, 0.01, 0.03, 0.95], _types(illegal=0.97)),
-    "[privacy]": ([0.01, 0.01, 0.03, 0.95], _types(privacy=0.97)),
-    "[nan]": ([math.nan] * 4, _types()),
-}
-
-
-@contextlib.contextmanager
-def scripted_guard(model, tokenizer):
-    """Run the real guard (vision features, projector, head), then replace each row's
-    probabilities by the SCRIPT entry whose keyword its prompt contains."""
-    real = model.guard
-
-    def guard(input_ids=None, pixel_values=None, attention_mask=None, vision_features=None):
-        out = real(input_ids, pixel_values, attention_mask, vision_features)
-        if input_ids is None:
-            return out
-        level, type_ = out.level_probs.clone(), out.type_probs.clone()
-        for row, text in enumerate(tokenizer.batch_decode(input_ids)):
-            for key, (lp, tp) in SCRIPT.items():
-                if key in text:
-                    level[row], type_[row] = torch.tensor(lp), torch.tensor(tp)
-        return replace(out, level_probs=level, type_probs=type_, risk_level=level.argmax(-1), risk_type=type_.argmax(-1))
-
-    model.guard = guard
-    try:
-        yield
-    finally:
-        del model.guard
-
-
-@contextlib.contextmanager
-def count_calls(module, with_batch=False):
-    calls = []
-
-    def hook(mod, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        calls.append(embeds.shape if embeds is not None else None)
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 @pytest.fixture
@@ -166,8 +107,8 @@ def test_hint_helpers_keep_the_original_conversation():
     user_hint = insert_hint(messages, "CAREFUL", "user")
     assert user_hint[1]["content"][1]["text"] == "Hi\nCAREFUL"
     assert messages[1]["content"][1]["text"] == "Hi"  # unchanged
-    with pytest.raises(ValueError, match="has 0 image part"):
-        build_messages([{"role": "user", "content": "Hi"}], True)
+    with pytest.raises(ValueError, match="has 1 image part"):
+        build_messages(messages, False)
 
 
 def test_head_exception_fails_closed_and_is_logged(safe_model, tiny_processor, caplog):
@@ -227,11 +168,7 @@ def test_classify_never_runs_the_llm_and_matches_guard(safe_model, tiny_processo
     assert image_only[0].level_probs != decisions[0].level_probs
 
 
-def test_safevlm_method_and_chat_session(scripted, tiny_processor):
-    out = scripted.generate_guarded(make_image(0), "Hi [allow]", "default", processor=tiny_processor, **GEN)
-    assert out[0].action == "allow"
-    with pytest.raises(ValueError, match="needs the processor"):
-        scripted.generate_guarded(make_image(0), "Hi", "default")
+def test_chat_session_keeps_the_history(scripted, tiny_processor):
     session = ChatSession(scripted, tiny_processor, "default", image=make_image(0), **GEN)
     first = session.ask("What is it? [allow]")
     second = session.ask("And now? [refuse]")

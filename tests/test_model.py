@@ -127,40 +127,72 @@ def test_answer_tokens_are_hidden_from_the_head(safe_model, tiny_processor):
     assert int(prompt.sum()) == int(mask.sum()) - 3 - int((ids == safe_model.config.image_token_id).sum())
 
 
-def test_freeze_base_gives_gradients_to_safety_parameters_only(tiny):
-    base, processor = tiny
-    model = SafeVLM(base, num_prefix_tokens=4, num_query_tokens=4, head_num_heads=4).freeze_base()
+def test_stage1_gradients_reach_the_safety_parameters_only():
+    from safevlm.tiny import build_tiny
+    from safevlm.train.trainable import set_trainable, stage_parts
+
+    base, processor = build_tiny("test", seed=0)  # its own base: the session one is shared
+    model = SafeVLM(base, num_prefix_tokens=4, num_query_tokens=4, head_num_heads=4)
+    set_trainable(model, stage_parts(1))
     inputs = make_inputs(processor, PROMPTS)
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[:, -3:] = inputs["input_ids"][:, -3:]  # supervise the last tokens; the rest is prompt
     out = model(**inputs, labels=labels, risk_level=torch.tensor([0, 3]), risk_type=torch.tensor([6, 1]))
-    torch.testing.assert_close(out.loss, model.config.lm_loss_weight * out.lm_loss
-                               + model.config.cls_loss_weight * (out.level_loss + out.type_loss))
+    torch.testing.assert_close(out.loss, out.lm_loss + out.level_loss + out.type_loss)  # unweighted
     out.loss.backward()
     safety = {id(p) for p in model.safety_parameters()}
-    try:
-        for name, p in model.named_parameters():
-            if id(p) in safety:
-                assert p.grad is not None and p.grad.abs().sum() > 0, name
-            else:
-                assert not p.requires_grad and p.grad is None, name
-    finally:
-        for p in base.parameters():
-            p.requires_grad_(True)
-            p.grad = None
+    for name, p in model.named_parameters():
+        if id(p) in safety:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
 
 
-def test_zero_lm_weight_skips_the_language_model(tiny):
+def test_lm_loss_is_the_next_token_cross_entropy_of_the_base(tiny):
     base, processor = tiny
-    model = SafeVLM(base, num_prefix_tokens=4, num_query_tokens=4, head_num_heads=4, lm_loss_weight=0.0)
+    model = SafeVLM(base, num_prefix_tokens=0, num_query_tokens=4, head_num_heads=4).eval()
     inputs = make_inputs(processor, PROMPTS)
-    handle = model.backbone.language_model.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(AssertionError))
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -4:] = inputs["input_ids"][:, -4:]
+    with torch.no_grad():
+        ours = model(**inputs, labels=labels)
+        theirs = base(**inputs, labels=labels)
+    torch.testing.assert_close(ours.lm_loss, theirs.loss, atol=1e-5, rtol=1e-5)
+    assert ours.lm_loss.item() > 0
+
+
+def test_compute_lm_false_skips_the_language_model(safe_model, tiny_processor):
+    inputs = make_inputs(tiny_processor, PROMPTS)
+    handle = safe_model.backbone.language_model.register_forward_pre_hook(
+        lambda *a: (_ for _ in ()).throw(AssertionError("the LLM ran"))
+    )
     try:
-        out = model(**inputs, labels=inputs["input_ids"], risk_level=torch.tensor([0, 3]), risk_type=torch.tensor([6, 1]))
+        out = safe_model(**inputs, labels=inputs["input_ids"], risk_level=torch.tensor([0, 3]),
+                         risk_type=torch.tensor([6, 1]), compute_lm=False)
     finally:
         handle.remove()
     assert out.logits is None and out.lm_loss is None
-    torch.testing.assert_close(out.loss, model.config.cls_loss_weight * (out.level_loss + out.type_loss))
+    torch.testing.assert_close(out.loss, out.level_loss + out.type_loss)
+
+
+def test_an_adapter_saved_with_loss_weights_in_its_config_loads_and_runs_the_llm(tmp_path, tiny, safe_model):
+    """Adapters written before the loss weights moved to the recipe hold them in safety_config.json
+    (stage 1 with w_lm = 0 wrote lm_loss_weight: 0); they load, and forward(labels=...) still
+    runs the LLM and returns the LM loss."""
+    safe_model.save_pretrained(tmp_path)
+    path = tmp_path / "safety_config.json"
+    saved = json.loads(path.read_text())
+    assert "lm_loss_weight" not in saved and "cls_loss_weight" not in saved
+    path.write_text(json.dumps({**saved, "cls_loss_weight": 1.0, "lm_loss_weight": 0.0}))
+    loaded = SafeVLM.from_pretrained(tiny[0], tmp_path)
+    inputs = make_inputs(tiny[1], PROMPTS)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -2:] = inputs["input_ids"][:, -2:]
+    with torch.no_grad():
+        out = loaded(**inputs, labels=labels)
+        expected = safe_model(**inputs, labels=labels)
+    assert out.logits is not None and out.lm_loss is not None
+    assert torch.equal(out.logits, expected.logits) and torch.equal(out.lm_loss, expected.lm_loss)
 
 
 def test_save_load_round_trip_holds_only_safety_weights(tmp_path, tiny, safe_model):
@@ -180,7 +212,11 @@ def test_save_load_round_trip_holds_only_safety_weights(tmp_path, tiny, safe_mod
     base_numel = sum(p.numel() for p in base.parameters())
     saved_numel = sum(t.numel() for t in safe_model.safety_state_dict().values())
     assert saved_numel < base_numel
-    assert json.loads((tmp_path / "safety_config.json").read_text())["num_prefix_tokens"] == 4
+    saved_config = json.loads((tmp_path / "safety_config.json").read_text())
+    assert saved_config["num_prefix_tokens"] == 4
+    from safevlm.loading import base_fingerprint
+
+    assert saved_config["base_fingerprint"] == base_fingerprint(base)  # the adapter names its base
 
     loaded = SafeVLM.from_pretrained(base, tmp_path)
     inputs = make_inputs(processor, PROMPTS)
@@ -298,7 +334,13 @@ def test_generate_reuses_the_guard_state_without_a_second_head_pass(tiny):
 
 def test_from_pretrained_resolves_dtype_names(tmp_path, tiny, safe_model):
     safe_model.save_pretrained(tmp_path)
-    loaded = SafeVLM.from_pretrained(tiny[0], tmp_path, torch_dtype="auto")
-    assert loaded.safety_head.level_classifier.weight.dtype == tiny[0].lm_head.weight.dtype
-    with pytest.raises(ValueError, match="unknown torch_dtype 'float99'"):
-        SafeVLM.from_pretrained(tiny[0], tmp_path, torch_dtype="float99")
+    loaded = SafeVLM.from_pretrained(tiny[0], tmp_path, dtype="auto")  # float32 on CPU: the base is unchanged
+    assert tiny[0].lm_head.weight.dtype is torch.float32
+    assert loaded.safety_head.level_classifier.weight.dtype is torch.float32
+    half = SafeVLM.from_pretrained("tiny:test", tmp_path, dtype="bfloat16", device="cpu")
+    assert half.safety_head.level_classifier.weight.dtype is torch.bfloat16
+    assert half.backbone.lm_head.weight.dtype is torch.bfloat16
+    alias = SafeVLM.from_pretrained(tiny[0], tmp_path, torch_dtype="float32")  # the old keyword still works
+    assert alias.safety_head.level_classifier.weight.dtype is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'float99'; allowed: auto, float32, bfloat16, float16"):
+        SafeVLM.from_pretrained(tiny[0], tmp_path, dtype="float99")

@@ -98,7 +98,12 @@ def test_policy_from_yaml_file_with_relative_extends(tmp_path):
         ({"rules": {"default": {}, "safe": {}}}, r"the safe type has no rule"),
         ({"rules": {"default": {"hint_threshold": 1.5}}}, r"rules.default: hint_threshold must be in \(0, 1\]"),
         ({"rules": {"default": {"refuse_level": 0}}}, r"refuse_level must be a risk level 1..3"),
-        ({"rules": {"default": {"refuse_level": "extreme"}}}, r"unknown risk level 'extreme'"),
+        ({"rules": {"default": {"refuse_level": "extreme"}}}, r"refuse_level must be a risk level 1..3 \(low, medium, high\), got 'extreme'"),
+        # the true range in the message: 7 is not "out of range 0..3" (0 is refused too)
+        ({"rules": {"default": {"refuse_level": 7}}}, r"rules.default: refuse_level must be a risk level 1..3 \(low, medium, high\), got 7$"),
+        ({"rules": {"default": {"hint_level": "0"}}}, r"rules.default: hint_level must be a risk level 1..3 \(low, medium, high\), got 0$"),
+        ({"hints": {"default": {7: "x"}}}, r"hints.default: level 7 must be a risk level 1..3 \(low, medium, high\)$"),
+        ({"hints": {"default": {"safe": "x"}}}, r"hints.default: level 'safe' must be a risk level 1..3"),
         ({"rules": {"default": {"refuse_at": 0.5}}}, r"unknown field\(s\) \['refuse_at'\]"),
         ({"hint_position": "assistant"}, r"hint_position must be one of system, user"),
         ({"on_error": "ignore"}, r"on_error must be one of allow, hint, refuse"),
@@ -126,6 +131,19 @@ def test_errors_name_the_file(tmp_path):
         Policy.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="unknown policy 'lenient'; shipped: default, hint_only, strict"):
         load_policy("lenient")
+
+
+def test_extends_errors_name_the_file_that_extends(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("version: 1\nextends: nosuch\n")
+    with pytest.raises(ValueError, match=rf"^{child}: extends: unknown policy 'nosuch'; shipped: default"):
+        Policy.from_yaml(child)
+    child.write_text("version: 1\nextends: parent.yaml\n")
+    with pytest.raises(FileNotFoundError, match=rf"^{child}: extends: policy file not found: {tmp_path}/parent.yaml"):
+        Policy.from_yaml(child)
+    (tmp_path / "parent.yaml").write_text("version: 1\nextends: grandparent\n")  # a bad grandparent: the parent named
+    with pytest.raises(ValueError, match=rf"{tmp_path}/parent.yaml: extends: unknown policy 'grandparent'"):
+        Policy.from_yaml(child)
 
 
 # -- decisions ----------------------------------------------------------------------------------------

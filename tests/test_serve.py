@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, run by uvicorn on 127.0.0.1 and driven by the real `openai`
-client: completions with the safety field, streaming, classify, limits, auth, metrics, and a
-bounded load test."""
+client: completions with the safety field, streaming (the same text and usage as the plain
+answer), stop strings, classify, models, limits and error shapes, auth, Prometheus metrics
+(parsed with prometheus_client), and a bounded load test."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import contextlib
 import http.server
 import io
 import json
-import re
 import socket
 import statistics
 import threading
@@ -18,12 +18,13 @@ import time
 import pytest
 import torch
 from conftest import make_image
-from test_guarded import count_calls, scripted_guard
+from guarded_fixtures import count_calls, scripted_guard
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from safevlm.model import SafeVLM
 from safevlm.policy import Policy
@@ -99,12 +100,17 @@ def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
-def metric(text: str, series: str) -> float:
-    """A series' value in Prometheus text (0 when absent); ``series`` includes its labels."""
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def samples(source) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value} of a /metrics page (its URL) or of a :class:`Metrics`,
+    parsed with prometheus_client's own parser (a malformed page fails here)."""
+    text = httpx.get(source + "/metrics").text if isinstance(source, str) else source.render()[0].decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(table: dict, name: str, **labels) -> float:
+    """One sample's value in a :func:`samples` table (0 when absent)."""
+    return table.get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
 
 
 def post(server, path, body, key=KEY, **kwargs):
@@ -147,10 +153,10 @@ def test_text_only_and_system_messages(client):
 
 
 def test_head_nan_fails_closed(client, server):
+    before = metric(samples(server), "safevlm_safety_head_errors_total")
     r = client.chat.completions.create(model=MODEL, messages=user("x [nan]", IMAGE_URL), max_tokens=4)
     assert r.model_extra["safety"]["action"] == "refuse" and "not finite" in r.model_extra["safety"]["error"]
-    metrics = httpx.get(server + "/metrics").text
-    assert metric(metrics, "safevlm_safety_head_errors_total") >= 1
+    assert metric(samples(server), "safevlm_safety_head_errors_total") == before + 1
 
 
 def test_overrides_relax_only_relaxable_types(client):
@@ -166,17 +172,33 @@ def test_overrides_relax_only_relaxable_types(client):
     assert err.value.code == "override_not_permitted" and "illegal" in err.value.message
 
 
-def test_streaming_matches_the_plain_answer(client):
-    messages = user("Describe it. [allow]", IMAGE_URL)
-    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True,
+STREAM_PROMPTS = {
+    "image": (user("Describe it. [allow]", IMAGE_URL), 8),
+    "image, longer": (user("What is in the photo? Tell me everything. [allow]", IMAGE_URL), 16),
+    "hinted": (user("How do I do it? [hint]", IMAGE_URL), 12),
+    "text only": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there [allow]"}], 10),
+}
+
+
+def _joined(chunks) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.mark.parametrize("case", list(STREAM_PROMPTS))
+def test_streaming_gives_exactly_the_plain_answer(client, case):
+    messages, max_tokens = STREAM_PROMPTS[case]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, stream=True,
                                                  stream_options={"include_usage": True}))
-    assert chunks[0].model_extra["safety"]["action"] == "allow" and chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text.strip() == plain.choices[0].message.content
+    answer = plain.choices[0].message.content
+    assert answer and answer == answer.strip()
+    assert chunks[0].model_extra["safety"] == plain.model_extra["safety"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert _joined(chunks) == answer  # not stripped: the very same text
+    assert not _joined(chunks[:2]).startswith((" ", "\n"))  # the first content delta starts with the answer
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [plain.choices[0].finish_reason]
-    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
 
 
 def test_streaming_refusal(client):
@@ -186,20 +208,71 @@ def test_streaming_refusal(client):
     assert chunks[-1].choices[0].finish_reason == "content_filter"
 
 
-def test_stop_strings_cut_the_answer_streamed_or_not(client):
-    messages = user("Tell me more. [allow]", IMAGE_URL)
-    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12).choices[0].message.content
-    assert len(full) >= 6
-    stop = full[3:5]
-    expected = full[:full.find(stop)]
-    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stop=[stop])
+@pytest.mark.parametrize("where", ["mid-word", "after a space"])
+def test_stop_strings_cut_the_answer_and_its_token_count(client, engine, where):
+    messages = user("Describe it. [allow]", IMAGE_URL)
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16)
+    text = full.choices[0].message.content
+    assert len(text) >= 6
+    if where == "mid-word":
+        stop = text[3:5]
+    else:  # like stop="photo" on "The photo shows ...": the returned text ends with the space
+        space = text.index(" ", 1)
+        stop = text[space + 1:space + 3]
+        assert len(stop) == 2 and text.find(stop) == space + 1
+    expected = text[:text.find(stop)]
+    assert expected.endswith(" ") == (where == "after a space")
+    returned_tokens = len(engine.processor.tokenizer(expected, add_special_tokens=False)["input_ids"])
+    assert 1 <= returned_tokens < full.usage.completion_tokens
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stop=[stop, "never-seen"])
     assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stop=stop, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == expected.strip()
+    assert cut.usage.completion_tokens == returned_tokens  # what was returned, not what was generated
+    assert cut.usage.prompt_tokens == full.usage.prompt_tokens
+    assert cut.usage.total_tokens == cut.usage.prompt_tokens + returned_tokens
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stop=stop,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert _joined(streamed) == expected
+    assert [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert streamed[-1].usage.model_dump() == cut.usage.model_dump()
+
+
+def test_stop_strings_never_cut_a_refusal(client):
+    refusal = Policy.default().refusal_text("illegal")
+    stop = refusal.split()[1]
+    r = client.chat.completions.create(model=MODEL, messages=user("x [refuse]", IMAGE_URL), stop=stop)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=user("x [refuse]", IMAGE_URL), stop=stop,
+                                                   stream=True))
+    assert r.choices[0].message.content == _joined(streamed) == refusal
+    assert r.choices[0].finish_reason == "content_filter" and r.usage.completion_tokens == 0
+
+
+def test_models_list_and_retrieve(client, server):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "safevlm") and card.created > 0
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.code == "model_not_found" and "'gpt-4o'" in err.value.message and MODEL in err.value.message
+    body = err.value.body
+    assert body["type"] == "not_found_error" and body["param"] == "model"
+    assert httpx.get(server + f"/v1/models/{MODEL}").status_code == 401  # a /v1 route: the key is needed
+
+
+def test_model_ids_with_a_slash_in_process(engine):
+    """Hub-style ids ("org/name") through the openai client over FastAPI's TestClient."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(ServerSettings(**{**SETTINGS, "served_model_name": "org/tiny-llava"}), engine)
+    with TestClient(app, base_url="http://testserver/v1") as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        assert client.models.retrieve("org/tiny-llava").id == "org/tiny-llava"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("org/other")
+        r = client.chat.completions.create(model="org/tiny-llava", messages=user("Hi [allow]", IMAGE_URL), max_tokens=3)
+    assert r.model == "org/tiny-llava" and r.usage.completion_tokens >= 1
 
 
 def test_models_health_and_classify(client, server, engine):
-    assert [m.id for m in client.models.list()] == [MODEL]
     health = httpx.get(server + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["policy"] == "default"
     with count_calls(engine.model.backbone.language_model) as llm:
@@ -214,18 +287,67 @@ def test_models_health_and_classify(client, server, engine):
     assert post(server, "/v1/safety/classify", {}).json()["error"]["code"] == "invalid_request"
 
 
-def test_metrics_count_requests_actions_and_latency(client, server):
-    client.chat.completions.create(model=MODEL, messages=user("x [refuse]", IMAGE_URL), max_tokens=2)
-    text = httpx.get(server + "/metrics").text
-    assert metric(text, 'safevlm_requests_total{endpoint="/v1/chat/completions",status="200"}') >= 1
-    assert metric(text, 'safevlm_safety_actions_total{action="refuse",risk_type="illegal"}') >= 1
-    assert metric(text, 'safevlm_request_duration_seconds_count{endpoint="/v1/chat/completions"}') >= 1
-    assert metric(text, "safevlm_completion_tokens_total") >= 1
-    assert "# TYPE safevlm_request_duration_seconds histogram" in text
+def test_classify_image_errors_name_the_field_that_held_the_image(server):
+    cases = {
+        "image": ({"image": "data:image/png;base64,@@@", "prompt": "x"}, 400, "invalid_base64"),
+        "image, not an image": ({"image": data_url(b"not a picture")}, 400, "invalid_image"),
+        "image, remote": ({"image": "http://127.0.0.1:9/cat.png"}, 400, "remote_images_disabled"),
+        "messages": ({"messages": user("x", data_url(b"not a picture"))}, 400, "invalid_image"),
+        "messages, two images": ({"messages": user("x", IMAGE_URL, IMAGE_URL)}, 400, "too_many_images"),
+    }
+    for case, (body, status, code) in cases.items():
+        r = post(server, "/v1/safety/classify", body)
+        error = r.json()["error"]
+        assert (r.status_code, error["code"], error["param"]) == (status, code, case.split(",")[0]), case
+
+
+def test_metrics_parse_and_count_requests_actions_tokens_and_latency(client, server):
+    before = samples(server)
+    r = client.chat.completions.create(model=MODEL, messages=user("x [refuse]", IMAGE_URL), max_tokens=2)
+    allowed = client.chat.completions.create(model=MODEL, messages=user("Hi [allow]", IMAGE_URL), max_tokens=3)
+    assert post(server, "/v1/chat/completions", _chat(max_tokens=17)).status_code == 400
+    client.models.retrieve(MODEL)
+    after = samples(server)
+
+    def moved(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert moved("safevlm_requests_total", endpoint="/v1/chat/completions", status=200) == 2
+    assert moved("safevlm_requests_total", endpoint="/v1/chat/completions", status=400) == 1
+    assert moved("safevlm_requests_total", endpoint="/v1/models/{model}", status=200) == 1
+    assert moved("safevlm_safety_actions_total", action="refuse", risk_type="illegal") == 1
+    assert moved("safevlm_safety_actions_total", action="allow", risk_type="safe") == 1
+    assert moved("safevlm_request_duration_seconds_count", endpoint="/v1/chat/completions") == 3
+    assert moved("safevlm_request_duration_seconds_sum", endpoint="/v1/chat/completions") > 0
+    assert moved("safevlm_completion_tokens_total") == allowed.usage.completion_tokens  # the refusal adds 0
+    assert moved("safevlm_prompt_tokens_total") == r.usage.prompt_tokens + allowed.usage.prompt_tokens
+    assert metric(after, "safevlm_queue_depth") == 0
+    # the GET /metrics that read `before` was counted too (when its last byte was sent)
+    assert moved("safevlm_requests_total", endpoint="/metrics", status=200) == 1
+    families = {f.name: f.type for f in text_string_to_metric_families(httpx.get(server + "/metrics").text)}
+    assert families["safevlm_request_duration_seconds"] == "histogram" and families["safevlm_requests"] == "counter"
+    assert families["safevlm_queue_depth"] == "gauge" and families["safevlm_batch_size"] == "histogram"
+
+
+def test_metrics_content_negotiation_and_isolated_registries(server):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+
+    from safevlm.serve import Metrics
+
+    plain = httpx.get(server + "/metrics")
+    assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
+    open_metrics = httpx.get(server + "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    names = {f.name for f in parse_openmetrics(open_metrics.text)}  # the parser checks the trailing # EOF
+    assert {"safevlm_requests", "safevlm_safety_actions", "safevlm_batch_size"} <= names
+    one, two = Metrics(), Metrics()
+    one.requests.labels(endpoint="/health", status="200").inc(3)
+    assert metric(samples(one), "safevlm_requests_total", endpoint="/health", status=200) == 3
+    assert metric(samples(two), "safevlm_requests_total", endpoint="/health", status=200) == 0
 
 
 def test_concurrent_requests_are_batched_and_all_answered(server, engine):
-    before = engine.metrics.render()
+    before = samples(engine.metrics)
     results, errors = [], []
 
     def one(i):
@@ -242,7 +364,7 @@ def test_concurrent_requests_are_batched_and_all_answered(server, engine):
     for t in threads:
         t.join(60)
     assert errors == [] and results == ["allow"] * 6
-    after = engine.metrics.render()
+    after = samples(engine.metrics)
     calls = metric(after, "safevlm_batch_size_count") - metric(before, "safevlm_batch_size_count")
     assert metric(after, "safevlm_batch_size_sum") - metric(before, "safevlm_batch_size_sum") == 6
     assert calls < 6  # some requests shared a model call
@@ -304,9 +426,42 @@ def test_limit_messages_carry_the_numbers(server):
     assert "max_tokens is 17; this server allows at most 16" in r.json()["error"]["message"]
 
 
-def test_malformed_json_and_unknown_routes(server):
-    r = post(server, "/v1/chat/completions", b"{not json")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+BAD_BODIES = {
+    "missing comma": (b'{"model": "tiny", "messages": [] "max_tokens": 2}', "invalid_json",
+                      "request body is not valid JSON: Expecting ',' delimiter at line 1 column 34"),
+    "second line": (b'{"model": "tiny",\n "messages": }', "invalid_json",
+                    "request body is not valid JSON: Expecting value at line 2 column 14"),
+    "not json at all": (b"{not json", "invalid_json",
+                        "request body is not valid JSON: Expecting property name enclosed in double quotes "
+                        "at line 1 column 2"),
+    "empty": (b"", "invalid_json", "the request body is empty; send a JSON object"),
+    "a list": (b"[1, 2]", "invalid_request", "the request body must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_malformed_json_is_a_clear_openai_error(server, case):
+    body, code, message = BAD_BODIES[case]
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 400
+    assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "invalid_request_error",
+                                 "code": code, "param": None}
+    assert r.json()["error"]["message"].startswith(message)
+    # the column is the one json itself reports
+    if code == "invalid_json" and body:
+        with pytest.raises(json.JSONDecodeError) as err:
+            json.loads(body)
+        assert f"line {err.value.lineno} column {err.value.colno}" in r.json()["error"]["message"]
+
+
+def test_field_errors_name_the_field(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=user("hi"), temperature=5)
+    assert err.value.code == "invalid_request" and err.value.body["param"] == "temperature"
+    assert err.value.body["message"].startswith("temperature: Input should be less than or equal to 2")
+
+
+def test_unknown_routes(server):
     r = httpx.get(server + "/v1/nothing-here", headers={"authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
@@ -335,14 +490,14 @@ def test_a_failing_input_does_not_fail_its_batch(engine):
     generation = {"max_new_tokens": 3, "do_sample": False}
     good = Job("generate", make_image(0), "fine [allow]", generation=generation)
     long = Job("generate", make_image(1), "word " * 2000, generation=generation)
-    before = engine.metrics.render()
+    before = samples(engine.metrics)
     engine._queue.put(good)
     engine._queue.put(long)
     engine.start()
     assert good.future.result(timeout=60).action == "allow"
     with pytest.raises(InputTooLong, match="exceeds the model's context of 512"):
         long.future.result(timeout=60)
-    after = engine.metrics.render()
+    after = samples(engine.metrics)
     calls = metric(after, "safevlm_batch_size_count") - metric(before, "safevlm_batch_size_count")
     inputs = metric(after, "safevlm_batch_size_sum") - metric(before, "safevlm_batch_size_sum")
     assert (calls, inputs) == (1, 2)  # one call held both; the retry one by one is not a new batch
@@ -539,11 +694,12 @@ def test_load_8_clients_for_20_seconds(capsys):
             for t in threads:
                 t.join(duration + 120)
             elapsed = time.monotonic() - start
-            metrics = httpx.get(url + "/metrics").text
+            metrics = samples(url)
     finally:
         engine.close()
-    server_ok = metric(metrics, 'safevlm_requests_total{endpoint="/v1/chat/completions",status="200"}')
-    server_errors = re.findall(r'^safevlm_requests_total\{endpoint="[^"]+",status="5\d\d"\} ', metrics, re.MULTILINE)
+    server_ok = metric(metrics, "safevlm_requests_total", endpoint="/v1/chat/completions", status=200)
+    server_errors = {labels: v for (name, labels), v in metrics.items()
+                     if name == "safevlm_requests_total" and dict(labels)["status"].startswith("5")}
     batches = metric(metrics, "safevlm_batch_size_count")
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
     report = {

@@ -35,7 +35,7 @@ WORKER = textwrap.dedent(
 
     out = Path(sys.argv[1])
     recipe = tiny_recipe(out, data={"synthetic": {"dir": str(out / "synth"), "n": 60, "image_size": 32}},
-                         log={"save_steps": 0, "progress_bar": False, "plot": False})
+                         log={"save_steps": 3, "progress_bar": False, "plot": False})
     result = run_stage(TrainConfig.from_dict(recipe))
     state = PartialState()
     save_file({k: v.contiguous() for k, v in result.model.safety_state_dict().items()},
@@ -74,6 +74,16 @@ def test_stage1_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     assert [i["steps"] for i in infos] == [6, 6]
     # the cache fill was split: together the ranks encoded every train + val image once
     assert sum(i["computed"] for i in infos) == 48 + 6 and min(i["computed"] for i in infos) > 0
+
+    # each checkpoint is sealed only once both ranks wrote their RNG state into it
+    from safevlm.train import checkpoint as ckpt
+
+    checkpoints = ckpt.list_checkpoints(tmp_path / "stage1")
+    assert [step for step, _ in checkpoints] == [6, 3]  # save_total_limit 2
+    for _, path in checkpoints:
+        assert ckpt.checkpoint_problem(path) is None
+        listed = set(json.loads((path / ckpt.MANIFEST_NAME).read_text())["files"])
+        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "safety_model.safetensors"} <= listed
 
     saved = load_file(str(tmp_path / "stage1" / "adapter" / "safety_model.safetensors"))
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]

@@ -1,11 +1,13 @@
-"""Kill-safe checkpoints: atomic commit, newest complete checkpoint wins, SIGKILL + --resume.
+"""Kill-safe checkpoints: sealed by a manifest, newest complete checkpoint wins, SIGKILL + --resume,
+state files that hold other objects than plain data are refused.
 
 The end-to-end tests run stage 1 of the tiny 'test' model in subprocesses: one uninterrupted,
 one SIGKILLed right after its first checkpoint (a callback kills the process from inside
-``on_save``), one SIGKILLed in the middle of writing its second checkpoint. Both are resumed
-with ``safevlm train --resume``. On CPU every step is deterministic (data order from the
-sampler's seed and epoch, dropout from the restored RNG state, exact optimizer state), so
-the final adapters must be *bitwise* equal to the uninterrupted run's: tolerance 0.
+``on_save``), one SIGKILLed in the middle of writing its second checkpoint (``torch.save`` of
+the RNG state kills it). Both are resumed with ``safevlm train --resume``. On CPU every step is
+deterministic (data order from the sampler's seed and epoch, dropout from the restored RNG
+state, exact optimizer state), so the final adapters must be *bitwise* equal to the
+uninterrupted run's: tolerance 0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_fixtures import synth_data, tiny_recipe  # noqa: F401 (fixture)
+from train_fixtures import synth_data, tiny_config, tiny_recipe  # noqa: F401 (fixture)
 
 from safevlm.train import checkpoint as ckpt
 
@@ -34,21 +36,20 @@ DRIVER = textwrap.dedent(
     torch.set_num_threads(1)
     from transformers import TrainerCallback
     from safevlm.train import TrainConfig, run_stage
-    from safevlm.train.trainer import SafetyTrainer
 
     config_path, mode = sys.argv[1], sys.argv[2]
 
-    class KillAfterSave(TrainerCallback):   # SIGKILL right after the first checkpoint is committed
+    class KillAfterSave(TrainerCallback):   # SIGKILL right after the first checkpoint is sealed
         def on_save(self, args, state, control, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if mode == "kill-in-save":              # SIGKILL half-way through writing the 2nd checkpoint
-        original = SafetyTrainer._save_rng_state
-        def dying(self, output_dir):
-            if self.state.global_step >= 6:
+    if mode == "kill-in-save":              # SIGKILL half-way through writing the 2nd checkpoint:
+        original = torch.save               # adapter and optimizer written, RNG state not yet
+        def dying(obj, f, *args, **kwargs):
+            if "checkpoint-6" in str(f) and "rng_state" in str(f):
                 os.kill(os.getpid(), signal.SIGKILL)
-            original(self, output_dir)
-        SafetyTrainer._save_rng_state = dying
+            return original(obj, f, *args, **kwargs)
+        torch.save = dying
 
     callbacks = [KillAfterSave()] if mode == "kill-after-save" else None
     run_stage(TrainConfig.from_yaml(config_path), callbacks=callbacks)
@@ -132,21 +133,25 @@ def test_sigkill_during_a_save_leaves_no_checkpoint_that_loads_wrong(reference, 
     run_dir = tmp / "in_save" / "run"
     killed = _driver(tmp, config, "kill-in-save")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    # the half-written checkpoint-6 exists only under its staging name
-    assert [p.name for _, p in ckpt.list_checkpoints(run_dir)] == ["checkpoint-3"]
-    staging = run_dir / ".staging-checkpoint-6"
-    assert staging.is_dir() and not (staging / ckpt.MANIFEST_NAME).exists()
+    # the half-written checkpoint-6 has no manifest, so it is not a checkpoint
+    half = run_dir / "checkpoint-6"
+    assert [p.name for _, p in ckpt.list_checkpoints(run_dir)] == ["checkpoint-6", "checkpoint-3"]
+    assert (half / "optimizer.pt").is_file() and not (half / "rng_state.pth").exists()
+    assert "no checkpoint.json" in ckpt.checkpoint_problem(half)
     assert ckpt.find_resume_checkpoint(run_dir) == run_dir / "checkpoint-3"
 
     resumed = _cli_resume(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert not staging.exists()
+    summary = json.loads(resumed.stdout[resumed.stdout.index("{\n"):])
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    assert ckpt.checkpoint_problem(half) is None  # written afresh and sealed by the resumed run
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
     a, b = _adapter(full_config), _adapter(config)
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_checkpoints_hold_no_pickle(reference):
+def test_checkpoints_hold_adapters_and_weights_only_state(reference):
     tmp, _ = reference
     run_dir = tmp / "full" / "run"
     checkpoints = ckpt.list_checkpoints(run_dir)
@@ -154,20 +159,61 @@ def test_checkpoints_hold_no_pickle(reference):
     for _, path in checkpoints:
         assert ckpt.checkpoint_problem(path) is None
         names = {p.name for p in path.rglob("*") if p.is_file()}
-        assert names == {"checkpoint.json", "optimizer.safetensors", "scheduler.json", "rng_state.safetensors",
+        # the adapter in safetensors + JSON; the Trainer's own resume state; no training_args.bin
+        assert names == {"checkpoint.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                          "safety_config.json", "safety_model.safetensors", "trainer_state.json"}
-        for p in path.rglob("*"):
-            if p.is_file():
-                assert not p.read_bytes().startswith(b"\x80"), f"{p} looks like a pickle"
+        ckpt.check_weights_only(path)  # every torch file unpickles weights-only (the RNG state's NumPy arrays too)
+        state = torch.load(path / "optimizer.pt", weights_only=True)
+        assert len(state["state"]) == sum(len(g["params"]) for g in state["param_groups"]) > 0
+        assert torch.load(path / "scheduler.pt", weights_only=True)["last_epoch"] == int(path.name.split("-")[1])
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
 
 
+class _RunsCode:
+    """Unpickling this runs ``touch <marker>``: what a tampered checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_state_file_holding_another_object(reference, tmp_path, capsys):
+    import shutil
+
+    from safevlm.cli import main
+
+    _, full_config = reference
+    config = tmp_path / "tampered.yaml"
+    recipe = yaml.safe_load(full_config.read_text().split("\n", 1)[1])
+    recipe["output_dir"] = str(tmp_path / "run")
+    config.write_text("# safevlm train --config tampered.yaml\n" + yaml.safe_dump(recipe))
+    source = Path(yaml.safe_load(full_config.read_text().split("\n", 1)[1])["output_dir"]) / "checkpoint-6"
+    target = tmp_path / "run" / "checkpoint-6"
+    shutil.copytree(source, target)
+    marker = tmp_path / "code-ran"
+    rng = torch.load(target / "rng_state.pth", weights_only=False)
+    torch.save({**rng, "extra": _RunsCode(marker)}, target / "rng_state.pth")
+    ckpt.seal_checkpoint(target, 6)  # sizes check out: only the content is wrong
+    assert ckpt.find_resume_checkpoint(tmp_path / "run") == target
+
+    assert main(["train", "--config", str(config), "--resume", "log.progress_bar=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"{target / 'rng_state.pth'}: holds a pickled object that is not plain tensors" in err
+    assert "refusing to resume" in err and "Traceback" not in err
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="rng_state.pth: holds a pickled object"):
+        ckpt.check_weights_only(target)
+
+
 def _fake_checkpoint(root: Path, step: int) -> Path:
-    staging = root / f".staging-checkpoint-{step}"
-    staging.mkdir(parents=True)
-    (staging / "safety_model.safetensors").write_bytes(b"x" * (100 + step))
-    (staging / "trainer_state.json").write_text("{}")
-    return ckpt.commit_checkpoint(staging, root / f"checkpoint-{step}", step)
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "safety_model.safetensors").write_bytes(b"x" * (100 + step))
+    (folder / "trainer_state.json").write_text("{}")
+    ckpt.seal_checkpoint(folder, step)
+    return folder
 
 
 def test_newest_complete_checkpoint_is_chosen(tmp_path):
@@ -186,39 +232,38 @@ def test_newest_complete_checkpoint_is_chosen(tmp_path):
     assert ckpt.find_resume_checkpoint(tmp_path / "nothing") is None
 
 
-def test_commit_replaces_an_existing_folder_atomically(tmp_path):
-    _fake_checkpoint(tmp_path, 3)
+def test_a_checkpoint_of_the_earlier_state_format_is_refused_not_half_restored(tmp_path):
+    from safevlm.train import run_stage
+
+    config = tiny_config(tmp_path)
+    folder = Path(config.output_dir) / "checkpoint-3"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.safetensors").write_bytes(b"x" * 10)  # optimizer / RNG state as safevlm wrote them before
+    (folder / "safety_model.safetensors").write_bytes(b"x" * 10)
+    ckpt.seal_checkpoint(folder, 3)
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-3: its training state \(optimizer.safetensors\)"
+                                         r" was written by an earlier safevlm"):
+        run_stage(config, resume=True)
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (3, 6, 9, 12):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-9" / ckpt.MANIFEST_NAME).unlink()  # 9 was never sealed
+    deleted = ckpt.rotate_checkpoints(tmp_path, keep=2)
+    # 12 and 6 are the two newest complete ones; 9 (newer than 6) stays, 3 goes
+    assert [p.name for p in deleted] == ["checkpoint-3"]
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-12", "checkpoint-9", "checkpoint-6"]
+    assert ckpt.rotate_checkpoints(tmp_path, keep=None) == []
+    assert [p.name for p in ckpt.rotate_checkpoints(tmp_path, keep=1)] == ["checkpoint-9", "checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12"]  # no trash left
+
+
+def test_replace_dir_swaps_a_folder_in_one_rename(tmp_path):
+    final = _fake_checkpoint(tmp_path, 3)
     staging = tmp_path / ".staging-checkpoint-3"
     staging.mkdir()
     (staging / "new.json").write_text("{}")
-    ckpt.commit_checkpoint(staging, tmp_path / "checkpoint-3", 3)
-    assert sorted(p.name for p in (tmp_path / "checkpoint-3").iterdir()) == ["checkpoint.json", "new.json"]
+    ckpt.replace_dir(staging, final)
+    assert sorted(p.name for p in final.iterdir()) == ["new.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
-
-
-def test_optimizer_and_rng_state_round_trip_without_pickle(tmp_path):
-    import random
-
-    import numpy as np
-
-    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.8, 0.9))
-    for _ in range(2):
-        sum((p ** 2).sum() for p in params).backward()
-        opt.step()
-    ckpt.save_optimizer_state(opt, tmp_path / "opt.safetensors")
-    fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=5.0)
-    ckpt.load_optimizer_state(fresh, tmp_path / "opt.safetensors")
-    a, b = opt.state_dict(), fresh.state_dict()
-    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"] == 1e-3
-    assert tuple(b["param_groups"][0]["betas"]) == (0.8, 0.9)
-    for i in a["state"]:
-        for k in a["state"][i]:
-            assert torch.equal(a["state"][i][k], b["state"][i][k])
-
-    ckpt.save_rng_state(tmp_path / "rng.safetensors")
-    expected = (random.random(), float(np.random.rand()), torch.rand(3))
-    random.seed(123), np.random.seed(123), torch.manual_seed(123)
-    ckpt.load_rng_state(tmp_path / "rng.safetensors")
-    got = (random.random(), float(np.random.rand()), torch.rand(3))
-    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])

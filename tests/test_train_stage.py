@@ -103,7 +103,17 @@ def test_stage1_adapter_holds_only_safety_weights(stage1):
     for key, value in result.model.safety_state_dict().items():
         assert torch.equal(loaded.safety_state_dict()[key], value), key
     saved = json.loads((result.adapter_dir / "safety_config.json").read_text())
-    assert saved["lm_loss_weight"] == 0.0 and saved["num_prefix_tokens"] == 4
+    assert saved["num_prefix_tokens"] == 4
+    assert not {"cls_loss_weight", "lm_loss_weight"} & set(saved)  # training settings stay in the recipe
+    # Trained with w_lm = 0, the reloaded adapter still runs the LLM and gives an LM loss for labels.
+    from safevlm.data import SafetyCollator
+
+    batch = SafetyCollator(build_tiny("test")[1], num_prefix_tokens=4)(keyword_records(2, seed=5))
+    with torch.no_grad():
+        out = loaded.eval()(**batch)
+    assert out.logits.shape[:2] == (2, batch["input_ids"].shape[1] + 4)
+    assert out.lm_loss is not None and out.lm_loss.item() > 0
+    torch.testing.assert_close(out.loss, out.level_loss + out.type_loss + out.lm_loss)
 
 
 def test_stage1_logs_metrics_jsonl_and_loss_png(stage1):

@@ -7,8 +7,10 @@ than a version check elsewhere; each one names what changed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import warnings
 
 import transformers
 
@@ -34,4 +36,59 @@ def training_arguments(**kwargs):
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k not in dropped})
 
 
-__all__ = ["TRANSFORMERS_MAJOR", "TRANSFORMERS_VERSION", "training_arguments"]
+# -- loading --------------------------------------------------------------------------------------
+def processor_load_kwargs() -> dict:
+    """Keyword arguments for ``AutoProcessor.from_pretrained`` that pick the PIL ("slow") image
+    processor on purpose, so that training and serving preprocess images identically on both
+    lines, with or without torchvision, and without a notice on stderr.
+
+    4.57: ``use_fast=False`` (left unset it prints "Using a slow image processor as `use_fast`
+    is unset"); 5.x: ``backend="pil"`` (``use_fast`` is deprecated there, and the default
+    backend needs torchvision and prints a fallback notice without it).
+    """
+    return {"backend": "pil"} if TRANSFORMERS_MAJOR >= 5 else {"use_fast": False}
+
+
+def clip_image_processor_class():
+    """The PIL CLIP image processor class: ``CLIPImageProcessorPil`` on 5.x (where
+    ``CLIPImageProcessor`` is the torchvision one and, without torchvision, prints a fallback
+    notice), ``CLIPImageProcessor`` on 4.57. Both save as ``CLIPImageProcessor``."""
+    import transformers as tf
+
+    return tf.CLIPImageProcessorPil if TRANSFORMERS_MAJOR >= 5 else tf.CLIPImageProcessor
+
+
+# Warnings that transformers or peft raise from inside their own calls while we load a model;
+# nothing on our side can avoid them. 5.x: peft reads the deprecated `is_gradient_checkpointing`
+# whenever it wraps a model (PeftModel.from_pretrained, get_peft_model).
+THIRD_PARTY_LOADING_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """For the ``with`` block only: no weight loading / writing progress bars (5.x draws
+    "Loading weights" and "Writing model shards" bars on every load and save, 4.57 one for
+    sharded checkpoints) and none of :data:`THIRD_PARTY_LOADING_WARNINGS`."""
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for pattern in THIRD_PARTY_LOADING_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
+
+
+__all__ = [
+    "THIRD_PARTY_LOADING_WARNINGS",
+    "TRANSFORMERS_MAJOR",
+    "TRANSFORMERS_VERSION",
+    "clip_image_processor_class",
+    "processor_load_kwargs",
+    "quiet_loading",
+    "training_arguments",
+]

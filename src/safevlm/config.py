@@ -3,7 +3,8 @@
 A config is built from a base model's config with :meth:`SafetyConfig.from_base_config`, so the
 vision width, text width, number of image features and feature layer are never copied by hand.
 It is saved beside the adapter weights as ``safety_config.json`` and checked against the base
-when an adapter is loaded.
+when an adapter is loaded. It holds what rebuilds the modules only: training settings such as
+the loss weights live in the training recipe (``TrainConfig.loss``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from safevlm.taxonomy import DEFAULT_LEVEL_NAMES, DEFAULT_TYPE_NAMES, Taxonomy
 PROJECTOR_KINDS = ("mlp", "cabstractor")
 PREFIX_CONDITIONING = ("head", "none")
 CONFIG_NAME = "safety_config.json"
+# Training settings that older adapters saved here; now in the recipe (TrainConfig.loss).
+LEGACY_TRAINING_FIELDS = ("cls_loss_weight", "lm_loss_weight")
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -79,10 +82,6 @@ class SafetyConfig:
     )
     dropout: float = _help("Dropout in the safety projector and head, in [0, 1).", default=0.1)
 
-    # -- loss -------------------------------------------------------------------------------
-    cls_loss_weight: float = _help("w_cls: weight of CE_level + CE_type (paper: 10).", default=10.0)
-    lm_loss_weight: float = _help("w_lm: weight of the LM loss; 0 skips the LLM in training.", default=1.0)
-
     # -- from the base (filled by from_base_config) ------------------------------------------
     base_model_type: str = _help("model_type of the base config, e.g. 'llava'.", default="llava")
     vision_hidden_size: int = _help("Width of the selected vision features (Dv).", default=0)
@@ -92,10 +91,18 @@ class SafetyConfig:
     vision_feature_select_strategy: str = _help("'default' drops the CLS feature, 'full' keeps it.", default="default")
     image_token_id: int = _help("Token id of the image placeholder in input_ids.", default=-1)
 
+    # -- the exact base (written by SafeVLM.save_pretrained) -----------------------------------
+    base_fingerprint: str | None = _help(
+        "Fingerprint of the base weights these modules were trained on (see "
+        "safevlm.loading.base_fingerprint). Loading onto a base with another fingerprint is refused "
+        "unless allow_base_mismatch is set; None (adapters saved before it was recorded) cannot be checked.",
+        default=None,
+    )
+
     def __post_init__(self):
-        self.type_names = list(self.type_names)
-        self.level_names = list(self.level_names)
-        self.taxonomy  # validates names
+        # the taxonomy validates the names (one implementation, in safevlm.taxonomy)
+        taxonomy = self.taxonomy
+        self.type_names, self.level_names = list(taxonomy.type_names), list(taxonomy.level_names)
         if self.projector_kind not in PROJECTOR_KINDS:
             raise ValueError(
                 f"unknown projector_kind {self.projector_kind!r}; allowed: {', '.join(PROJECTOR_KINDS)}"
@@ -126,11 +133,6 @@ class SafetyConfig:
             raise ValueError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.cls_loss_weight < 0 or self.lm_loss_weight < 0:
-            raise ValueError(
-                f"loss weights must be >= 0, got cls_loss_weight={self.cls_loss_weight}, "
-                f"lm_loss_weight={self.lm_loss_weight}"
-            )
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
@@ -148,15 +150,16 @@ class SafetyConfig:
     # -- derived ----------------------------------------------------------------------------
     @property
     def taxonomy(self) -> Taxonomy:
+        """The risk taxonomy of these names (a ``ValueError`` names what is wrong with them)."""
         return Taxonomy(tuple(self.type_names), tuple(self.level_names), self.safe_type)
 
     @property
     def num_types(self) -> int:
-        return len(self.type_names)
+        return self.taxonomy.num_types
 
     @property
     def num_levels(self) -> int:
-        return len(self.level_names)
+        return self.taxonomy.num_levels
 
     @property
     def num_safety_features(self) -> int:
@@ -195,6 +198,9 @@ class SafetyConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "SafetyConfig":
+        # Adapters saved before loss weights moved to the training recipe carry them; they
+        # never shaped the modules, so they are dropped.
+        d = {k: v for k, v in d.items() if k not in LEGACY_TRAINING_FIELDS}
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

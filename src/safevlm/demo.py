@@ -121,6 +121,11 @@ def pretrain_vision(base, processor, settings: DemoSettings, progress) -> dict:
     over the caption set) from its selected-layer features, on freshly rendered images."""
     import torch
 
+    from safevlm.backbones import get_backbone
+    from safevlm.train.trainable import set_trainable
+
+    backbone = get_backbone(base)
+    set_trainable(base, {"vision_tower"})
     size = processor.image_processor.crop_size["height"]
     images, captions = _render_caption_pool(settings.vision_images, settings.seed + 1, size)
     vocab = sorted(set(captions))
@@ -130,9 +135,8 @@ def pretrain_vision(base, processor, settings: DemoSettings, progress) -> dict:
         for i in range(0, len(images), 256)
     ])
     targets = torch.tensor([index[c] for c in captions])
-    tower = base.model.vision_tower
-    layer = base.config.vision_feature_layer
-    classifier = torch.nn.Linear(base.config.vision_config.hidden_size, len(vocab))
+    tower = backbone.vision_tower
+    classifier = torch.nn.Linear(backbone.config_facts(base.config)["vision_hidden_size"], len(vocab))
     params = list(tower.parameters()) + list(classifier.parameters())
     bs = 64
     steps = settings.vision_epochs * ((len(images) + bs - 1) // bs)
@@ -145,7 +149,7 @@ def pretrain_vision(base, processor, settings: DemoSettings, progress) -> dict:
         order = torch.randperm(len(images), generator=gen)
         for i in range(0, len(images), bs):
             j = order[i:i + bs]
-            hidden = tower(pixels[j], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
+            hidden = backbone.vision_features(pixels[j]).mean(1)  # the features the LLM and the head read
             loss = torch.nn.functional.cross_entropy(classifier(hidden), targets[j])
             opt.zero_grad()
             loss.backward()
@@ -166,9 +170,10 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     here, so the base goes along with them (the typographic attack)."""
     import torch
 
+    from safevlm.backbones import causal_lm_loss, get_backbone
     from safevlm.data import SafetyRecord, Turn
     from safevlm.data.collator import SafetyCollator
-    from safevlm.model import SafeVLM
+    from safevlm.train.trainable import set_trainable
 
     rng = random.Random(settings.seed + 2)
     samples = []
@@ -184,11 +189,11 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
                                                                    Turn("assistant", answer)], 0, r.risk_type, "caption"))
     rng.shuffle(samples)
     samples = samples[: settings.lm_samples]
-    for p in base.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    view = SafeVLM(base, num_prefix_tokens=0, num_query_tokens=1, head_num_heads=1, head_hidden_size=8)
+    backbone = get_backbone(base)
+    image_token_id = backbone.config_facts(base.config)["image_token_id"]
+    set_trainable(base, {"base_projector", "language_model"})
     collator = SafetyCollator(processor, image_root=image_root)
-    params = [p for n, p in base.named_parameters() if p.requires_grad]
+    params = [p for p in base.parameters() if p.requires_grad]
     bs = settings.batch_size // 2
     steps = settings.lm_epochs * ((len(samples) + bs - 1) // bs)
     opt = torch.optim.AdamW(params, lr=settings.lm_lr, weight_decay=0.0)
@@ -198,20 +203,18 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     with torch.no_grad():
         for i in range(0, len(samples), bs):
             batch = collator(samples[i:i + bs])
-            batch["vision_features"] = view.encode_images(batch.pop("pixel_values"))
+            batch["vision_features"] = backbone.vision_features(batch.pop("pixel_values"))
             batches.append(batch)
     base.train()
     bar = progress(total=steps, desc="multimodal pre-training")
     for _ in range(settings.lm_epochs):
         rng.shuffle(batches)
         for batch in batches:
-            embeds, mask, labels = view.build_inputs_embeds(
-                batch["input_ids"], batch["attention_mask"], batch["vision_features"], batch["labels"]
+            ids = batch["input_ids"]
+            embeds = backbone.scatter_image_embeds(
+                backbone.embed_tokens(ids), ids == image_token_id, batch["vision_features"]
             )
-            logits = view.backbone.language_forward(embeds, mask, view.position_ids(mask))
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            loss = causal_lm_loss(backbone.language_forward(embeds, batch["attention_mask"]), batch["labels"])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -221,8 +224,6 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     base.eval()
-    for p in base.parameters():
-        p.requires_grad_(True)
     return {"samples": len(samples), "final_loss": round(loss.item(), 4)}
 
 
@@ -383,10 +384,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     import torch
     from tqdm.auto import tqdm
 
+    from safevlm.compat import quiet_loading
     from safevlm.data import load_records
     from safevlm.data.synth import make_synthetic_dataset
     from safevlm.model import SafeVLM
-    from safevlm.tiny import build_tiny
+    from safevlm.loading import load_base
     from safevlm.train import TrainConfig, run_stage
 
     settings = settings or DemoSettings()
@@ -405,7 +407,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     # -- 1. base ------------------------------------------------------------------------------------
     banner("1/6 tiny base model + synthetic safety data")
     torch.manual_seed(settings.seed)
-    base, processor = build_tiny("default", seed=settings.seed)
+    base, processor = load_base(f"tiny:default@{settings.seed}", dtype="float32", device="cpu")
     data_dir = out / "data"
     size = processor.image_processor.crop_size["height"]
     make_synthetic_dataset(data_dir, settings.n_samples, settings.seed, image_size=size, font_variety=1)
@@ -417,7 +419,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     vision_info = pretrain_vision(base, processor, settings, progress)
     lm_info = pretrain_language(base, processor, splits["train"], data_dir, settings, progress)
     base_params = sum(p.numel() for p in base.parameters())
-    base.save_pretrained(out / "base", safe_serialization=True)  # for chat / serve / classify --model
+    with quiet_loading():  # no "Writing model shards" bar (5.x)
+        base.save_pretrained(out / "base", safe_serialization=True)  # for chat / serve / classify --model
     processor.save_pretrained(out / "base")
 
     banner("3/6 before: the base model's answers on held-out prompts")
@@ -448,7 +451,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
                   "batch_size": settings.batch_size, "scheduler": "cosine", "weight_decay": 0.05},
     })
     stage1 = run_stage(stage1_config, model=model, processor=processor,
-                       train_records=splits["train"], val_records=splits["val"])
+                       train_records=splits["train"], val_records=splits["val"], quiet=not show_progress)
     model = stage1.model
     stage1_metrics, type_true, type_pred = head_evaluation(model, processor, splits["test"], data_dir, settings)
 
@@ -467,7 +470,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
                   "batch_size": settings.batch_size // 2, "scheduler": "cosine"},
     })
     stage2 = run_stage(stage2_config, model=model, processor=processor,
-                       train_records=splits["train"], val_records=splits["val"][:128])
+                       train_records=splits["train"], val_records=splits["val"][:128], quiet=not show_progress)
     model = stage2.model.eval()
 
     banner("6/6 after: the safety-aligned model's answers, report")
@@ -488,6 +491,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "before": before,
         "after": after,
         "guarded_examples": examples,
+        "multi_turn": multi_turn_check(model, processor, splits["test"], data_dir, settings),
         "samples": [
             {"id": r.id, "risk_type": model.config.taxonomy.type_name(r.risk_type), "risk_level": r.risk_level,
              "prompt": r.prompt, "before": b, "after": a}
@@ -522,6 +526,46 @@ def guarded_examples(model, processor, records, image_root, settings: DemoSettin
                                [r.prompt for r in chosen], "default", max_new_tokens=settings.max_new_tokens)
     return [{"prompt": r.prompt, "true_type": model.config.taxonomy.type_name(r.risk_type),
              "true_level": r.risk_level, **res.to_dict()} for r, res in zip(chosen, results)]
+
+
+def multi_turn_check(model, processor, records, image_root, settings: DemoSettings) -> dict:
+    """The default policy on held-out requests asked as the first turn, then as the second turn
+    after a benign exchange (from the test split's templates), with the image in the first
+    turn as ``safevlm chat`` puts it. Guard only: the LLM does not run.
+
+    ``risky_second_turn_refusal``: of the risky requests refused as a first turn, the share still
+    refused as the second; ``benign_second_turn_allowed``: of the benign requests allowed as a
+    first turn, the share still allowed as the second (None when there is none to count).
+    """
+    from safevlm.data import open_image
+    from safevlm.data.synth import benign_opening
+    from safevlm.guarded import classify
+
+    rng = random.Random(settings.seed + 4)
+    chosen = _eval_subset(records, settings.eval_samples, settings.seed + 4)
+    first, second = [], []
+    for i in range(0, len(chosen), settings.batch_size):
+        chunk = chosen[i:i + settings.batch_size]
+        images = [open_image(r, image_root) for r in chunk]
+        first += classify(model, processor, images, [r.prompt for r in chunk], "default")
+        conversations = []
+        for r in chunk:
+            opening, answer, _ = benign_opening("test", rng)
+            conversations.append([{"role": "user", "content": opening}, {"role": "assistant", "content": answer},
+                                  {"role": "user", "content": r.prompt}])
+        second += classify(model, processor, images, conversations, "default")
+    refused = [k for k, r in enumerate(chosen) if r.risk_level > 0 and first[k].action == "refuse"]
+    allowed = [k for k, r in enumerate(chosen) if r.risk_level == 0 and first[k].action == "allow"]
+
+    def share(idx, action):
+        return round(sum(second[k].action == action for k in idx) / len(idx), 4) if idx else None
+
+    return {
+        "risky_second_turn_refusal": share(refused, "refuse"),
+        "benign_second_turn_allowed": share(allowed, "allow"),
+        "n_risky_refused_first_turn": len(refused),
+        "n_benign_allowed_first_turn": len(allowed),
+    }
 
 
 __all__ = ["DemoSettings", "answer_metrics", "run_demo"]

@@ -13,20 +13,26 @@ For a batch of (image, prompt) pairs::
 the policy (guard mode). Prompts are a string (one user turn with the image) or a list of
 chat messages (``{"role", "content"}``, content a string or parts ``{"type": "text"|"image"}``),
 rendered with the processor's chat template.
+
+Conversations go through :mod:`safevlm.data.chat`, the code the training collator uses, so
+the model reads a conversation as it did in training. In a multi-turn conversation the safety
+head reads the image and **every user turn** (with the system text and the template's role
+markers), never the assistant turns: a risky request in the second turn is judged as it
+would be in the first, and a request made earlier stays in view on later turns (see
+``safevlm.data.chat`` and ``docs/policy.md``).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from safevlm.data.chat import EncodedChat, build_messages, encode_chat, render_chat
 from safevlm.policy import Decision, Policy, PolicyOverrides, load_policy
 
 logger = logging.getLogger("safevlm.guarded")
@@ -103,31 +109,8 @@ class GuardedResult:
 
 
 # -- chat messages ------------------------------------------------------------------------------------
-def _parts(content) -> list[dict]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    return [dict(p) for p in content]
-
-
-def build_messages(prompt: str | Sequence[dict], has_image: bool) -> list[dict]:
-    """Chat messages for a prompt: a string becomes one user turn (image first when there is
-    one); a message list is copied with string contents turned into text parts. The number of
-    image parts must match ``has_image``."""
-    if isinstance(prompt, str):
-        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
-        return [{"role": "user", "content": content}]
-    messages = [{"role": m["role"], "content": _parts(m.get("content"))} for m in prompt]
-    if not messages:
-        raise ValueError("a conversation needs at least one message")
-    n_images = sum(1 for m in messages for p in m["content"] if p.get("type") == "image")
-    if n_images != int(has_image):
-        raise ValueError(
-            f"the conversation has {n_images} image part(s) but {int(has_image)} image was given; "
-            "the safety head reads exactly one image per input (or none)"
-        )
-    return messages
+# build_messages (prompt string or message list -> HF multimodal messages) is safevlm.data.chat's,
+# the one the training collator uses.
 
 
 def insert_hint(messages: list[dict], hint: str, position: str) -> list[dict]:
@@ -154,12 +137,9 @@ def insert_hint(messages: list[dict], hint: str, position: str) -> list[dict]:
 
 
 def render(processor, messages: list[dict]) -> str:
-    """The prompt text for ``messages`` from the processor's chat template (generation prompt on)."""
-    if getattr(processor, "chat_template", None) is None and getattr(
-        getattr(processor, "tokenizer", None), "chat_template", None
-    ) is None:
-        raise ValueError("the processor has no chat template; guarded generation renders prompts with it")
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The prompt text the model reads for ``messages``: the processor's chat template with the
+    generation prompt, EOS after each earlier answer where the template lacks it (as in training)."""
+    return render_chat(processor, messages, add_generation_prompt=True).text
 
 
 # -- tensors ------------------------------------------------------------------------------------------------
@@ -167,19 +147,28 @@ def _device(model) -> torch.device:
     return model.backbone.lm_head.weight.device
 
 
-def _image_token(processor) -> str:
-    return getattr(processor, "image_token", None) or "<image>"
+def encode(model, processor, messages: list[dict]) -> EncodedChat:
+    """One conversation as the model reads it (generation prompt on, the image placeholder
+    expanded to the model's number of image features): :func:`safevlm.data.chat.encode_chat`."""
+    return encode_chat(processor, messages, model.config.num_image_features, add_generation_prompt=True)
 
 
-def tokenize(model, processor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids (B, L) and attention_mask (B, L), left-padded, each image placeholder expanded
-    to the model's number of image features (as the processor does)."""
-    token = _image_token(processor)
-    n = model.config.num_image_features
-    expanded = [t.replace(token, token * n) for t in texts]
-    enc = processor.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+def pad_left(model, processor, encoded: Sequence[EncodedChat]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids (B, L) long, attention_mask (B, L) long and prompt_mask (B, L) bool (the tokens
+    the safety head reads), left-padded, on the model's device."""
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    length = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    prompt_mask = torch.zeros((len(encoded), length), dtype=torch.bool)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        input_ids[row, length - n :] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[row, length - n :] = 1
+        prompt_mask[row, length - n :] = torch.tensor(e.prompt_mask, dtype=torch.bool)
     device = _device(model)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    return input_ids.to(device), attention_mask.to(device), prompt_mask.to(device)
 
 
 def pixel_values(processor, images: list) -> torch.Tensor:
@@ -221,22 +210,22 @@ class _Batch:
         for ov in self.overrides:  # a request asking for more than the deployment allows fails before any work
             policy.check_overrides(ov)
         self.messages: list[list[dict] | None] = []
-        self.texts: list[str | None] = []
+        self.encoded: list[EncodedChat | None] = []  # the tokens the head (and, if unhinted, the LLM) reads
         for image, prompt in zip(self.images, self.prompts):
             if prompt is None:
                 if not allow_no_prompt or image is None:
                     raise ValueError("each input needs a prompt" if not allow_no_prompt else "an input needs an image or a prompt")
                 self.messages.append(None)
-                self.texts.append(None)
+                self.encoded.append(None)
                 continue
             messages = build_messages(prompt, image is not None)
             self.messages.append(messages)
-            self.texts.append(render(processor, messages))
+            self.encoded.append(encode(model, processor, messages))
         # groups that can share one head / generate call: the head needs one image per sample
         # or none, and a sample without a prompt reads the image alone
         self.groups: dict[str, list[int]] = {}
-        for i, (image, text) in enumerate(zip(self.images, self.texts)):
-            key = "image" if image is not None and text is not None else ("image_only" if text is None else "text")
+        for i, (image, encoded) in enumerate(zip(self.images, self.encoded)):
+            key = "image" if image is not None and encoded is not None else ("image_only" if encoded is None else "text")
             self.groups.setdefault(key, []).append(i)
         image_idx = [i for i, im in enumerate(self.images) if im is not None]
         self.vision_row = {i: r for r, i in enumerate(image_idx)}
@@ -260,14 +249,16 @@ class _Batch:
     def _guard(self, key: str, idx: list[int]) -> None:
         features = self.features(idx)
         if key == "image_only":
-            input_ids = attention_mask = None
+            input_ids = attention_mask = prompt_mask = None
         else:
-            input_ids, attention_mask = tokenize(self.model, self.processor, [self.texts[i] for i in idx])
+            encoded = [self.encoded[i] for i in idx]
+            input_ids, attention_mask, prompt_mask = pad_left(self.model, self.processor, encoded)
             self.tokens[key] = (input_ids, attention_mask)
             for row, i in enumerate(idx):
                 self.prompt_tokens[i] = int(attention_mask[row].sum())
         try:
-            out = self.model.guard(input_ids, attention_mask=attention_mask, vision_features=features)
+            out = self.model.guard(input_ids, attention_mask=attention_mask, vision_features=features,
+                                   prompt_mask=prompt_mask)
             level_probs, type_probs = out.level_probs, out.type_probs
             state = getattr(out, "safety_state", None)
             if state is not None:
@@ -357,14 +348,15 @@ def _generate(batch: _Batch, keep: list[int], results: list, generation_kwargs: 
     their vision features (and the head's tokens when nothing changed); fills ``results``."""
     model, processor, policy = batch.model, batch.processor, batch.policy
     if tokens is None:
-        texts = []
+        encoded = []
         for i in keep:
             decision = batch.decisions[i]
             if decision.action == "hint":
-                texts.append(render(processor, insert_hint(batch.messages[i], decision.hint, policy.hint_position)))
+                hinted = insert_hint(batch.messages[i], decision.hint, policy.hint_position)
+                encoded.append(encode(model, processor, hinted))
             else:
-                texts.append(batch.texts[i])
-        tokens = tokenize(model, processor, texts)
+                encoded.append(batch.encoded[i])
+        tokens = pad_left(model, processor, encoded)[:2]
     input_ids, attention_mask = tokens
     _check_context(model, input_ids, attention_mask, keep, generation_kwargs)
     features = batch.features(keep)
@@ -421,9 +413,11 @@ class ChatSession:
     """A guarded multi-turn conversation about (at most) one image; every turn is classified
     and decided afresh over the whole conversation so far.
 
-    ``ask(prompt)`` returns the turn's :class:`GuardedResult`; refusals are kept in the history
-    as the assistant's reply. ``set_image`` starts a new conversation (one image per
-    conversation, as the safety head reads one image).
+    The head reads the image and every user turn, never the assistant turns (see the module
+    docstring), as it did in training. ``ask(prompt)`` returns the turn's
+    :class:`GuardedResult`; refusals are kept in the history as the assistant's reply.
+    ``set_image`` starts a new conversation (one image per conversation, as the safety head
+    reads one image; it goes into the first user turn).
     """
 
     def __init__(self, model, processor, policy=None, image=None, overrides=None, **generation_kwargs):
@@ -443,82 +437,14 @@ class ChatSession:
         self.reset()
 
     def ask(self, prompt: str) -> GuardedResult:
-        content = [{"type": "text", "text": prompt}]
-        if self.image is not None and not self.messages:
-            content.insert(0, {"type": "image"})
-        conversation = [*self.messages, {"role": "user", "content": content}]
+        conversation = [*self.messages, {"role": "user", "content": prompt}]
         result = generate_guarded(
             self.model, self.processor, [self.image], [conversation], self.policy, self.overrides,
             **dict(self.generation_kwargs),
         )[0]
-        self.messages = [*conversation, {"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
+        answered = [*conversation, {"role": "assistant", "content": result.text}]
+        self.messages = build_messages(answered, self.image is not None)
         return result
-
-
-# -- loading ----------------------------------------------------------------------------------------------
-_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def processor_for(model):
-    """The processor saved beside the model's base folder (for ``SafeVLM.generate_guarded``
-    called without one)."""
-    if model in _PROCESSORS:
-        return _PROCESSORS[model]
-    path = getattr(model.backbone.config, "_name_or_path", "")
-    if not path or not os.path.isdir(path):
-        raise ValueError(
-            "generate_guarded needs the processor: pass processor=... (the base was not loaded from a folder "
-            f"that holds one; name_or_path={path!r})"
-        )
-    from transformers import AutoProcessor
-
-    _PROCESSORS[model] = AutoProcessor.from_pretrained(path)
-    return _PROCESSORS[model]
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_dtype(name: str | None, device: str | None) -> torch.dtype | None:
-    """``auto``: float32 on CPU, bfloat16 on GPUs that have it, else float16."""
-    if name in (None, "auto"):
-        if device is None or str(device).startswith("cpu"):
-            return None
-        if str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
-
-def load_model_and_processor(
-    model_dir: str | os.PathLike,
-    adapter_dir: str | os.PathLike | None = None,
-    device: str | None = None,
-    dtype: str | None = "auto",
-    seed: int = 0,
-):
-    """(SafeVLM, processor) from a base folder (a Hugging Face LLaVA folder with its processor)
-    and an optional safety adapter folder. Without an adapter, fresh (untrained) safety modules
-    are built from ``seed`` and a warning is logged: their decisions carry no meaning."""
-    from transformers import AutoProcessor
-
-    from safevlm.model import SafeVLM
-
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
-    if adapter_dir is not None and not os.path.isdir(adapter_dir):
-        raise FileNotFoundError(f"adapter folder not found: {adapter_dir}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = resolve_dtype(dtype, device)
-    if adapter_dir is None:
-        logger.warning("no safety adapter given: the safety modules are untrained, so their decisions are random")
-        torch.manual_seed(seed)
-    model = SafeVLM.from_pretrained(str(model_dir), adapter_dir, torch_dtype=torch_dtype, device=device)
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    return model, processor
 
 
 __all__ = [
@@ -528,11 +454,9 @@ __all__ = [
     "InputTooLong",
     "build_messages",
     "classify",
+    "encode",
     "generate_guarded",
     "insert_hint",
-    "load_model_and_processor",
-    "processor_for",
+    "pad_left",
     "render",
-    "resolve_dtype",
-    "tokenize",
 ]

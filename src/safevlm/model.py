@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safevlm.backbones import get_backbone
+from safevlm.backbones import causal_lm_loss, get_backbone, position_ids_from_mask
 from safevlm.config import SafetyConfig
 from safevlm.modules import PrefixSafetyTokens, SafetyHead, build_safety_projector
 
@@ -36,7 +36,9 @@ class SafeVLMOutput:
     """Outputs of :meth:`SafeVLM.forward`.
 
     logits (B, L+P, vocab) or None when the LLM was skipped; level_logits (B, num_levels);
-    type_logits (B, num_types); losses are scalars or None.
+    type_logits (B, num_types). Losses are float32 scalars or None: ``level_loss`` / ``type_loss``
+    (cross-entropy of each head), ``lm_loss`` (next-token cross-entropy), and ``loss``, their
+    unweighted sum (a trainer weights the components itself, see ``SafetyTrainer``).
     """
 
     loss: torch.Tensor | None = None
@@ -116,14 +118,6 @@ class SafeVLM(nn.Module):
                 state[f"{module_name}.{name}"] = tensor
         return state
 
-    def freeze_base(self) -> "SafeVLM":
-        """Freeze every base parameter and make the safety modules trainable (stage 1)."""
-        for param in self.base_model.parameters():
-            param.requires_grad_(False)
-        for param in self.safety_parameters():
-            param.requires_grad_(True)
-        return self
-
     def count_parameters(self) -> dict:
         """Parameter counts: base, safety per module, safety total."""
         modules = {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in self.SAFETY_MODULES}
@@ -167,24 +161,29 @@ class SafeVLM(nn.Module):
             )
         return image_mask
 
-    def prompt_mask(self, input_ids, attention_mask, labels=None) -> torch.Tensor:
+    def prompt_mask(self, input_ids, attention_mask, labels=None, prompt_mask=None) -> torch.Tensor:
         """Tokens the head reads (B, L): attended, not image placeholders, not supervised answer
-        tokens (so an answer never leaks its own label into the head)."""
+        tokens (so an answer never leaks its own label into the head), and within ``prompt_mask``
+        (B, L) when given: the collator and guarded generation give it from
+        ``safevlm.data.chat.encode_chat``, which leaves every assistant turn out, so the head
+        reads the same tokens of a conversation in training and at inference."""
         mask = input_ids != self.config.image_token_id
         if attention_mask is not None:
             mask &= attention_mask.bool()
         if labels is not None:
             mask &= labels == -100
+        if prompt_mask is not None:
+            mask &= prompt_mask.to(mask.device).bool()
         return mask
 
-    def _head(self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None):
+    def _head(self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, prompt_mask=None):
         safety_features = None if vision_features is None else self.safety_projector(
             vision_features.to(self.safety_projector_dtype)
         )
         if token_embeds is None and self.config.head_use_prompt:
             token_embeds = self.backbone.embed_tokens(input_ids)
         return self.safety_head(
-            safety_features, token_embeds, self.prompt_mask(input_ids, attention_mask, labels)
+            safety_features, token_embeds, self.prompt_mask(input_ids, attention_mask, labels, prompt_mask)
         )
 
     @property
@@ -207,8 +206,7 @@ class SafeVLM(nn.Module):
         image_mask = self._check_images(input_ids, vision_features)
         embeds = self.backbone.embed_tokens(input_ids) if token_embeds is None else token_embeds
         if vision_features is not None:
-            image_embeds = self.backbone.project_image_features(vision_features).to(embeds.dtype)
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
+            embeds = self.backbone.scatter_image_embeds(embeds, image_mask, vision_features)
         has_image = image_mask.any(dim=1)
         anchor = torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
         if self.prefix_tokens.conditioned and safety_state is None:
@@ -218,10 +216,13 @@ class SafeVLM(nn.Module):
     @staticmethod
     def position_ids(attention_mask: torch.Tensor) -> torch.LongTensor:
         """Positions counted over attended tokens, as Hugging Face generation does."""
-        pos = attention_mask.long().cumsum(-1) - 1
-        return pos.masked_fill(attention_mask == 0, 1)
+        return position_ids_from_mask(attention_mask)
 
     # -- forward ------------------------------------------------------------------------------------
+    # forward takes **unused (extra batch keys) but no loss kwargs such as num_items_in_batch:
+    # this tells the Trainer to scale the loss for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -231,34 +232,34 @@ class SafeVLM(nn.Module):
         risk_level: torch.LongTensor | None = None,
         risk_type: torch.LongTensor | None = None,
         vision_features: torch.Tensor | None = None,
-        compute_lm: bool | None = None,
+        compute_lm: bool = True,
+        prompt_mask: torch.Tensor | None = None,
         **unused,
     ) -> SafeVLMOutput:
-        """LM logits, risk logits, and ``loss = w_lm * lm_loss + w_cls * (CE_level + CE_type)``.
+        """LM logits, risk logits and the loss components.
 
         input_ids (B, L), pixel_values (B, C, H, W) or precomputed vision_features (B, N, Dv),
         attention_mask (B, L), labels (B, L) with -100 for unsupervised tokens, risk_level (B,),
-        risk_type (B,). ``compute_lm=False`` skips the language model (default: skipped only when
-        labels are given and the LM loss weight is 0).
+        risk_type (B,), prompt_mask (B, L) from the collator (the tokens the head reads; see
+        :meth:`prompt_mask`). ``compute_lm=False`` skips the language model (no logits, no lm_loss):
+        the head alone, as stage-1 training without an LM loss needs.
+
+        Returns a :class:`SafeVLMOutput` with ``level_loss`` / ``type_loss`` when risk labels are
+        given, ``lm_loss`` when ``labels`` are given and the LLM runs, and ``loss`` = their
+        unweighted sum. How much each counts is a training setting: ``SafetyTrainer`` weights
+        them with the recipe's ``loss.cls_weight`` / ``loss.lm_weight``.
         """
-        cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vision_features = self._vision(pixel_values, vision_features)
-        if compute_lm is None:
-            compute_lm = not (labels is not None and cfg.lm_loss_weight == 0)
         token_embeds = self.backbone.embed_tokens(input_ids)
 
-        head = self._head(input_ids, attention_mask, vision_features, labels, token_embeds)
+        head = self._head(input_ids, attention_mask, vision_features, labels, token_embeds, prompt_mask)
         out = SafeVLMOutput(level_logits=head.level_logits, type_logits=head.type_logits)
-        losses = []
         if risk_level is not None:
             out.level_loss = F.cross_entropy(head.level_logits.float(), risk_level.to(head.level_logits.device))
         if risk_type is not None:
             out.type_loss = F.cross_entropy(head.type_logits.float(), risk_type.to(head.type_logits.device))
-        cls_parts = [x for x in (out.level_loss, out.type_loss) if x is not None]
-        if cls_parts:
-            losses.append(cfg.cls_loss_weight * sum(cls_parts))
 
         if compute_lm:
             # The LM loss trains the prefix tokens but never moves the head: detached, the head
@@ -268,18 +269,10 @@ class SafeVLM(nn.Module):
             )
             out.logits = self.backbone.language_forward(embeds, mask, self.position_ids(mask))
             if full_labels is not None:
-                shift_logits = out.logits[:, :-1].float()
-                shift_labels = full_labels[:, 1:].to(shift_logits.device)
-                if bool((shift_labels != -100).any()):
-                    out.lm_loss = F.cross_entropy(
-                        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
-                    )
-                else:
-                    out.lm_loss = shift_logits.sum() * 0.0
-                if cfg.lm_loss_weight > 0:
-                    losses.append(cfg.lm_loss_weight * out.lm_loss)
-        if losses:
-            out.loss = sum(losses)
+                out.lm_loss = causal_lm_loss(out.logits, full_labels)
+        parts = [x for x in (out.level_loss, out.type_loss, out.lm_loss) if x is not None]
+        if parts:
+            out.loss = sum(parts)
         return out
 
     # -- guard mode -----------------------------------------------------------------------------------
@@ -290,10 +283,12 @@ class SafeVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> GuardOutput:
         """Risk probabilities from the vision tower, safety projector and head only.
 
         The language model is never called. ``input_ids`` may be None (image-only guard).
+        ``prompt_mask`` (B, L) limits the tokens the head reads (see :meth:`prompt_mask`).
         """
         vision_features = self._vision(pixel_values, vision_features)
         if input_ids is None or not self.config.head_use_prompt:
@@ -303,7 +298,7 @@ class SafeVLM(nn.Module):
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            head = self._head(input_ids, attention_mask, vision_features)
+            head = self._head(input_ids, attention_mask, vision_features, prompt_mask=prompt_mask)
         return GuardOutput(
             level_logits=head.level_logits,
             type_logits=head.type_logits,
@@ -342,30 +337,43 @@ class SafeVLM(nn.Module):
         generation_kwargs.setdefault("use_cache", True)
         return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
 
-    def generate_guarded(self, images, prompts, policy=None, processor=None, **generation_kwargs):
-        """Classify, apply a :class:`~safevlm.policy.Policy` and generate in one vision pass;
-        see :func:`safevlm.guarded.generate_guarded` (returns a list of ``GuardedResult``)."""
-        from safevlm.guarded import generate_guarded, processor_for
-
-        processor = processor if processor is not None else processor_for(self)
-        return generate_guarded(self, processor, images, prompts, policy, **generation_kwargs)
-
     # -- save / load ---------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, save_lora: bool = True) -> Path:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, save_lora: bool = True, state_dict: dict | None = None
+    ) -> Path:
         """Write ``safety_config.json`` + ``safety_model.safetensors`` (safety weights only), and the
         LoRA adapter under ``lora/`` when the base is a peft model. Files are written to a temp
-        name and renamed, so a kill never leaves a half-written file under the final name."""
+        name and renamed, so a kill never leaves a half-written file under the final name.
+
+        ``state_dict``: full tensors keyed as in ``self.state_dict()`` (e.g. gathered with
+        ``accelerator.get_state_dict`` under FSDP / ZeRO-3, where this module's own parameters
+        are shards); by default the module's own tensors are written.
+        """
         from safetensors.torch import save_file
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.safety_state_dict().items()}
+        expected = self.safety_state_dict()
+        base_state = None
+        if state_dict is None:
+            state = expected
+        else:
+            state = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in self.SAFETY_MODULES}
+            if set(state) != set(expected):
+                missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+                raise ValueError(f"the given state dict lacks safety keys {missing[:5]} / has unknown ones {extra[:5]}")
+            prefix = "base_model."
+            base_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "safevlm": "safety_adapter"})
         os.replace(tmp, directory / WEIGHTS_NAME)
+        from safevlm.loading import base_fingerprint
+
+        self.config.base_fingerprint = base_fingerprint(self.base_model)  # binds the adapter to this base
         self.config.save(directory)
         if save_lora and hasattr(self.base_model, "peft_config"):
-            self.base_model.save_pretrained(str(directory / LORA_DIR))
+            self.base_model.save_pretrained(str(directory / LORA_DIR), state_dict=base_state)
         return directory
 
     def load_safety_weights(self, adapter_dir: str | os.PathLike) -> None:
@@ -394,56 +402,31 @@ class SafeVLM(nn.Module):
         cls,
         base: str | os.PathLike | nn.Module,
         adapter_dir: str | os.PathLike | None = None,
-        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = "auto",
         device: str | torch.device | None = None,
+        allow_base_mismatch: bool = False,
         trust_remote_code: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
         **config_overrides,
     ) -> "SafeVLM":
-        """Load a base (folder or model) and, if given, a safety adapter folder onto it.
+        """Load a base (folder, ``tiny:<preset>[@seed]`` or model) and, if given, a safety adapter
+        folder onto it, in eval mode; :mod:`safevlm.loading` does the work (and states the rules).
 
         With no adapter, fresh safety modules are built (``config_overrides`` set their fields).
-        ``torch_dtype``: a dtype, its name (``"bfloat16"``) or ``"auto"`` (the base's own dtype);
-        the safety modules are cast to it.
+        ``dtype``: ``"auto"`` (float32 on CPU, bfloat16 on GPUs that support it, else float16),
+        a name like ``"bfloat16"`` or a ``torch.dtype``; the safety modules take the base's dtype.
+        ``torch_dtype`` is accepted as an alias. ``device``: default ``cuda`` if available, else
+        ``cpu``; a model passed in stays where it is. An adapter trained on a base with other
+        weights is refused unless ``allow_base_mismatch``.
         """
-        torch_dtype = _resolve_dtype(torch_dtype)
-        if isinstance(base, (str, os.PathLike)):
-            base = load_base_model(base, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        if device is not None:
-            base = base.to(device)
-        if adapter_dir is None:
-            model = cls(base, **config_overrides)
-        else:
-            adapter_dir = Path(adapter_dir)
-            config = SafetyConfig.load(adapter_dir)
-            if config_overrides:
-                raise ValueError("config overrides cannot change a saved adapter's config")
-            lora = adapter_dir / LORA_DIR
-            if lora.is_dir():
-                from peft import PeftModel
+        from safevlm.loading import load_base_model, load_safety
 
-                base = PeftModel.from_pretrained(base, str(lora))
-            check_base_signature(config, get_backbone(base).config, source=f"adapter {adapter_dir}")
-            model = cls(base, config)
-            model.load_safety_weights(adapter_dir)
-        ref = model.backbone.lm_head.weight
-        model.to(device=ref.device)
-        if torch_dtype == "auto":
-            torch_dtype = ref.dtype
         if torch_dtype is not None:
-            for name in cls.SAFETY_MODULES:
-                getattr(model, name).to(torch_dtype)
-        model.eval()
-        return model
-
-
-def _resolve_dtype(torch_dtype):
-    """None, "auto" or a torch.dtype, from a dtype or its name; ValueError for anything else."""
-    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
-        return torch_dtype
-    value = getattr(torch, str(torch_dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use 'auto', a torch.dtype or a name like 'bfloat16'")
-    return value
+            if dtype not in (None, "auto") and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass dtype only")
+            dtype = torch_dtype
+        base = load_base_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return load_safety(base, adapter_dir, allow_base_mismatch=allow_base_mismatch, **config_overrides)
 
 
 def check_base_signature(config: SafetyConfig, base_config, source: str) -> None:
@@ -455,18 +438,4 @@ def check_base_signature(config: SafetyConfig, base_config, source: str) -> None
         raise ValueError(f"{source} was made for a base of another shape ({diff})")
 
 
-def load_base_model(path: str | os.PathLike, torch_dtype=None, trust_remote_code: bool = False) -> nn.Module:
-    """Load a base VLM from a local folder (no hub downloads unless the path is a hub id and
-    the environment allows it)."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration
-
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    from safevlm.backbones import get_backbone_class
-
-    get_backbone_class(config)  # clear error for unsupported families before loading weights
-    return LlavaForConditionalGeneration.from_pretrained(
-        str(path), torch_dtype=torch_dtype, trust_remote_code=trust_remote_code
-    )
-
-
-__all__ = ["GuardOutput", "SafeVLM", "SafeVLMOutput", "load_base_model"]
+__all__ = ["GuardOutput", "SafeVLM", "SafeVLMOutput", "check_base_signature"]

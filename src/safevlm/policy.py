@@ -78,15 +78,17 @@ class TypeRule:
         for name in ("hint_level", "refuse_level"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < taxonomy.num_levels:
-                raise ValueError(
-                    f"{where}: {name} must be a risk level 1..{taxonomy.num_levels - 1} "
-                    f"({', '.join(taxonomy.level_names[1:])}), got {value!r}"
-                )
+                raise ValueError(f"{where}: {name} must be {_risky_levels(taxonomy)}, got {value!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"{where}: enabled must be true or false, got {self.enabled!r}")
 
 
 _RULE_FIELDS = {f.name for f in fields(TypeRule)}
+
+
+def _risky_levels(taxonomy: Taxonomy) -> str:
+    """``"a risk level 1..3 (low, medium, high)"``: the levels rules and hints may name (0 is 'safe')."""
+    return f"a risk level 1..{taxonomy.num_levels - 1} ({', '.join(taxonomy.level_names[1:])})"
 
 
 def _parse_rule(raw: Any, base: TypeRule, taxonomy: Taxonomy, where: str) -> TypeRule:
@@ -102,8 +104,8 @@ def _parse_rule(raw: Any, base: TypeRule, taxonomy: Taxonomy, where: str) -> Typ
         if name in values and not isinstance(values[name], bool):
             try:
                 values[name] = taxonomy.level_id(values[name])
-            except ValueError as err:
-                raise ValueError(f"{where}: {name}: {err}") from None
+            except ValueError:  # the same message as validate(): the true range is 1.., not 0..
+                raise ValueError(f"{where}: {name} must be {_risky_levels(taxonomy)}, got {values[name]!r}") from None
     for name in ("hint_threshold", "refuse_threshold"):
         if isinstance(values.get(name), int) and not isinstance(values[name], bool):
             values[name] = float(values[name])
@@ -275,8 +277,10 @@ class Policy:
                 for level, text in texts.items():
                     try:
                         level_id = taxonomy.level_id(level)
-                    except ValueError as err:
-                        raise ValueError(f"hints.{key}: {err}") from None
+                    except ValueError:
+                        level_id = 0
+                    if level_id == 0:  # level 0 (safe) gets no hint
+                        raise ValueError(f"hints.{key}: level {level!r} must be {_risky_levels(taxonomy)}")
                     if not isinstance(text, str) or not text.strip():
                         raise ValueError(f"hints.{key}.{level}: the hint must be non-empty text, got {text!r}")
                     parsed[level_id] = text.strip()
@@ -487,12 +491,19 @@ def _resolve_policy_path(name_or_path: str, folder: Path | None = None) -> Path:
 
 
 def _read_parent(extends, source: str, seen: tuple[str, ...], folder: Path | None = None) -> dict:
-    """The raw mapping of the policy named by ``extends``, its own parents merged in."""
-    path = _resolve_policy_path(str(extends), folder)
+    """The raw mapping of the policy named by ``extends``, its own parents merged in; errors
+    name ``source``, the file that says ``extends``."""
+    try:
+        path = _resolve_policy_path(str(extends), folder)
+    except ValueError as err:
+        raise ValueError(f"{source}: extends: {err}") from None
     key = str(path.resolve())
     if key in seen:
         raise ValueError(f"{source}: 'extends' forms a cycle through {path}")
-    data = _read_yaml(path)
+    try:
+        data = _read_yaml(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{source}: extends: {err}") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: a policy must be a YAML mapping, got {type(data).__name__}")
     if data.get("extends"):

@@ -46,6 +46,11 @@ class Taxonomy:
             raise ValueError(f"risk type names must be unique, got {list(self.type_names)}")
         if len(self.level_names) < 2:
             raise ValueError(f"a taxonomy needs at least 2 risk levels, got {list(self.level_names)}")
+        if len(set(self.level_names)) != len(self.level_names):
+            raise ValueError(f"risk level names must be unique, got {list(self.level_names)}")
+        bad = [n for n in (*self.type_names, *self.level_names) if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise ValueError(f"risk type and level names must be non-empty strings, got {bad}")
         if self.safe_type not in self.type_names:
             raise ValueError(
                 f"safe_type {self.safe_type!r} is not one of the risk types {list(self.type_names)}"
@@ -63,6 +68,11 @@ class Taxonomy:
     @property
     def safe_type_id(self) -> int:
         return self._type_index[self.safe_type]
+
+    @property
+    def risk_type_names(self) -> tuple[str, ...]:
+        """The type names other than ``safe_type``, in id order."""
+        return tuple(n for n in self.type_names if n != self.safe_type)
 
     def type_id(self, name_or_id: str | int) -> int:
         """Type id for a name or an id; raises ``ValueError`` naming the allowed values."""

@@ -118,11 +118,15 @@ def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = ()):
 
 def build_processor(preset: str | TinyPreset = "test", tokenizer=None):
     """A ``LlavaProcessor`` (CLIP image processor + tiny tokenizer + chat template)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import LlavaProcessor
+
+    from safevlm.compat import clip_image_processor_class
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(p.vocab_size)
-    image_processor = CLIPImageProcessor(
+    # the PIL processor on both transformers lines (the one AutoProcessor loads back, see
+    # safevlm.loading), so a built and a reloaded processor give the same pixels
+    image_processor = clip_image_processor_class()(
         size={"shortest_edge": p.image_size},
         crop_size={"height": p.image_size, "width": p.image_size},
     )
@@ -198,10 +202,13 @@ def build_tiny(preset: str = "test", seed: int = 0):
 
 def save_tiny(out_dir: str | Path, preset: str = "default", seed: int = 0) -> Path:
     """Build and save the tiny model and processor as a Hugging Face folder."""
+    from safevlm.compat import quiet_loading
+
     model, processor = build_tiny(preset, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_loading():  # no "Writing model shards" bar
+        model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
 

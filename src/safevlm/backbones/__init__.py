@@ -5,7 +5,7 @@ A backbone is a thin view over a loaded base model; it never owns or renames wei
 
 from __future__ import annotations
 
-from safevlm.backbones.llava import LlavaBackbone
+from safevlm.backbones.llava import LlavaBackbone, causal_lm_loss, position_ids_from_mask
 
 BACKBONES = {"llava": LlavaBackbone}
 
@@ -33,4 +33,11 @@ def get_backbone(model):
     return get_backbone_class(config)(inner)
 
 
-__all__ = ["BACKBONES", "LlavaBackbone", "get_backbone", "get_backbone_class"]
+__all__ = [
+    "BACKBONES",
+    "LlavaBackbone",
+    "causal_lm_loss",
+    "get_backbone",
+    "get_backbone_class",
+    "position_ids_from_mask",
+]

@@ -3,7 +3,34 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts ``labels[:, t + 1]``.
+
+    logits (B, L, vocab), labels (B, L) with -100 where nothing is supervised -> scalar (float32),
+    the mean over supervised tokens. A batch with no supervised token gives 0 that still
+    belongs to the graph (so every rank of a distributed run takes part in backward).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits cover {tuple(logits.shape[:2])} (batch, tokens) but labels {tuple(labels.shape)}")
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions (B, L) counted over attended tokens, as Hugging Face generation does (padding: 1)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
 
 
 class LlavaBackbone:
@@ -79,10 +106,40 @@ class LlavaBackbone:
         """Base projector: V (num_images, N, Dv) -> image embeds (num_images, N, D)."""
         return self.projector(vision_features)
 
+    def scatter_image_embeds(
+        self, token_embeds: torch.Tensor, image_mask: torch.Tensor, vision_features: torch.Tensor
+    ) -> torch.Tensor:
+        """The LLM input of a prompt: image embeds written over its image placeholder tokens.
+
+        token_embeds (B, L, D) from :meth:`embed_tokens`; image_mask (B, L), True at the image
+        tokens, in order; vision_features V (num_images, N, Dv) -> embeds (B, L, D) where the
+        image tokens hold ``base_projector(V)`` row by row. The image tokens must number
+        ``num_images * N``.
+        """
+        image_embeds = self.project_image_features(vision_features).to(token_embeds.dtype)
+        n_images, n_per_image, width = image_embeds.shape
+        n_tokens = int(image_mask.sum())
+        if n_tokens != n_images * n_per_image:
+            raise ValueError(
+                f"got {n_images * n_per_image} image features ({n_images} images x {n_per_image}) but "
+                f"{n_tokens} image tokens in the prompt"
+            )
+        mask = image_mask.to(token_embeds.device).unsqueeze(-1)
+        return token_embeds.masked_scatter(mask, image_embeds.reshape(-1, width).to(token_embeds.device))
+
     # -- language model --------------------------------------------------------------------------
     def language_forward(self, inputs_embeds, attention_mask, position_ids=None, **kwargs):
-        """Run the decoder and LM head on embeddings; returns logits (B, L, vocab)."""
+        """Run the decoder and LM head on embeddings (B, L, D); returns logits (B, L, vocab).
+
+        ``position_ids`` default: counted over attended tokens (:func:`position_ids_from_mask`),
+        so left padding does not shift positions.
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
         out = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
         return self.lm_head(out[0])
+
+
+__all__ = ["IGNORE_INDEX", "LlavaBackbone", "causal_lm_loss", "position_ids_from_mask"]

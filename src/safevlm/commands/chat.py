@@ -10,6 +10,7 @@ from safevlm.commands.classify import (
     load_image,
     overrides_from_args,
 )
+from safevlm.errors import UsageError
 
 INTERACTIVE_HELP = "commands: /image PATH (new conversation about another image), /reset, /quit"
 
@@ -33,17 +34,19 @@ def register(subparsers) -> None:
 
 def _generation_kwargs(args) -> dict:
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     if args.temperature > 0:
         return {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": args.temperature}
     return {"max_new_tokens": args.max_new_tokens, "do_sample": False}
 
 
-def _show(result, as_json: bool, out) -> None:
+def _show(result, as_json: bool, out, context: dict | None = None) -> None:
+    """Print one answer; with ``as_json`` one JSON object led by ``context`` (image, prompt,
+    policy: the same keys as `safevlm classify --json`)."""
     if as_json:
-        print(json.dumps(result.to_dict()), file=out, flush=True)
+        print(json.dumps({**(context or {}), **result.to_dict()}), file=out, flush=True)
         return
     tag = f"[{result.action}"
     if result.decided_by:
@@ -58,7 +61,8 @@ def _show(result, as_json: bool, out) -> None:
 
 
 def command(args) -> int:
-    from safevlm.guarded import ChatSession, load_model_and_processor
+    from safevlm.guarded import ChatSession
+    from safevlm.loading import load_model_and_processor
     from safevlm.policy import load_policy
 
     policy = load_policy(args.policy)
@@ -66,16 +70,22 @@ def command(args) -> int:
     policy.check_overrides(overrides)
     generation = _generation_kwargs(args)
     image = load_image(args.image) if args.image else None
-    model, processor = load_model_and_processor(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    model, processor = load_model_and_processor(args.model, args.adapter, device=args.device, dtype=args.dtype,
+                                                allow_base_mismatch=args.allow_base_mismatch)
     session = ChatSession(model, processor, policy, image=image, overrides=overrides, **generation)
     if args.prompt is not None:
-        _show(session.ask(args.prompt), args.json, sys.stdout)
+        _show(session.ask(args.prompt), args.json, sys.stdout,
+              {"image": args.image, "prompt": args.prompt, "policy": policy.name})
         return 0
-    return interactive(session, sys.stdin, sys.stdout, as_json=args.json)
+    return interactive(session, sys.stdin, sys.stdout, as_json=args.json, image_path=args.image)
 
 
-def interactive(session, stdin, stdout, as_json: bool = False) -> int:
-    """Read prompts line by line until /quit or end of input."""
+def interactive(session, stdin, stdout, as_json: bool = False, image_path: str | None = None) -> int:
+    """Read prompts line by line until /quit or end of input. A bad ``/image`` file is
+    reported and the conversation goes on with its current image."""
+    from safevlm.data.images import ImageError
+    from safevlm.guarded import InputTooLong
+
     tty = stdin.isatty()
     if tty:
         print(f"safevlm chat (policy {session.policy.name}); {INTERACTIVE_HELP}", file=stdout)
@@ -98,12 +108,18 @@ def interactive(session, stdin, stdout, as_json: bool = False) -> int:
             path = line[len("/image"):].strip()
             try:
                 session.set_image(load_image(path) if path else None)
-            except (OSError, ValueError) as err:
+            except ImageError as err:
                 print(f"[error: {err}]", file=stdout, flush=True)
                 continue
+            image_path = path or None
             print(f"[new conversation about {path or 'no image'}]", file=stdout, flush=True)
             continue
         if line.startswith("/"):
             print(f"[unknown command {line.split()[0]}; {INTERACTIVE_HELP}]", file=stdout, flush=True)
             continue
-        _show(session.ask(line), as_json, stdout)
+        try:
+            result = session.ask(line)
+        except InputTooLong as err:  # the conversation outgrew the context: say so, keep the session
+            print(f"[error: {err}; /reset starts a new conversation]", file=stdout, flush=True)
+            continue
+        _show(result, as_json, stdout, {"image": image_path, "prompt": line, "policy": session.policy.name})

@@ -22,9 +22,9 @@ def register(subparsers) -> None:
     check = sub.add_parser(
         "check",
         help="Load a dataset and report counts and every skipped record.",
-        description="Load a dataset file and print counts (total, loaded, skipped, per type, per level) and "
-        "every skipped record with its location (file:line or file[index]) and reason. "
-        "loaded + skipped = total, always.",
+        description="Load a dataset file and print counts (total, loaded, skipped, per type, per level), "
+        "every skipped record with its location (file:line or file[index]) and reason, and warnings about "
+        "loaded records (labels that contradict themselves). loaded + skipped = total, always.",
     )
     check.add_argument("file", help="The data file (.jsonl, .json or .csv).")
     check.add_argument("--format", default=None, help=f"Format, detected when omitted: {FORMAT_CHOICES_HELP}.")
@@ -38,6 +38,9 @@ def register(subparsers) -> None:
         action="store_true",
         help="Do not open images (paths escaping the image root are still refused).",
     )
+    check.add_argument("--font", default=None, metavar="PATH",
+                       help="Font to render FigStep images with instead of FreeMonoBold (a warning says the images "
+                       "then differ from FigStep's).")
     check.add_argument("--strict", action="store_true", help="Exit with status 1 if any record was skipped.")
     check.add_argument("--json", action="store_true", help="Print the report as JSON.")
     check.set_defaults(func=command_check)
@@ -46,14 +49,17 @@ def register(subparsers) -> None:
         "render-figstep",
         help="Render FigStep typographic images for a SafeBench-style CSV.",
         description="Write query_{dataset}_{category_id}_{task_id}_6.png per CSV row, exactly as FigStep renders "
-        "them (FreeMonoBold 80, wrap width 15, empty '1. 2. 3.' list, 760x760 white).",
+        "them (FreeMonoBold 80, wrap width 15, empty '1. 2. 3.' list, 760x760 white). Without FreeMonoBold "
+        "(package fonts-freefont-ttf) it stops, unless --font names another font.",
     )
     render.add_argument(
         "--csv", required=True, help="SafeBench-style CSV (columns dataset, category_id, task_id, instruction)."
     )
     render.add_argument("--out", required=True, help="Output folder for the PNG files.")
-    render.add_argument("--limit", type=int, default=None, help="Render only the first N rows.")
-    render.add_argument("--font", default=None, help="Path of FreeMonoBold.ttf (default: found on the system).")
+    render.add_argument("--limit", type=int, default=None, help="Render only the first N rows (N >= 0).")
+    render.add_argument("--font", default=None, metavar="PATH",
+                        help="Font file to render with (default: FreeMonoBold found on the system; another font "
+                        "gives images that differ from FigStep's, and the output says so).")
     render.set_defaults(func=command_render_figstep)
 
     synth = sub.add_parser(
@@ -80,7 +86,8 @@ def register(subparsers) -> None:
 def command_check(args) -> int:
     from safevlm.data import load_records
 
-    report = load_records(args.file, format=args.format, image_root=args.images, check_images=not args.skip_image_check)
+    report = load_records(args.file, format=args.format, image_root=args.images, check_images=not args.skip_image_check,
+                          figstep_font=args.font)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -89,10 +96,11 @@ def command_check(args) -> int:
 
 
 def command_render_figstep(args) -> int:
-    from safevlm.data.figstep import render_figstep_csv
+    from safevlm.data.figstep import describe_font, load_figstep_font, render_figstep_csv
 
     written = render_figstep_csv(args.csv, args.out, limit=args.limit, font_path=args.font)
-    print(f"wrote {len(written)} FigStep image(s) to {args.out}")
+    font = describe_font(load_figstep_font(font_path=args.font))
+    print(f"wrote {len(written)} FigStep image(s) to {args.out} with font {font}")
     return 0
 
 

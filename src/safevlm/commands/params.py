@@ -34,7 +34,10 @@ def command(args) -> int:
 
         base_config = AutoConfig.from_pretrained(args.base)
     else:
-        raise ValueError(f"--base {args.base!r} is neither a known architecture ({', '.join(KNOWN_BASES)}) nor a folder")
+        from safevlm.errors import UsageError
+
+        known = ", ".join(KNOWN_BASES)
+        raise UsageError(f"--base {args.base!r} is neither a known architecture ({known}) nor a folder")
     result = account(
         base_config,
         projector_kind=args.projector,

@@ -21,18 +21,21 @@ def register(subparsers) -> None:
 
 
 def _missing_extra(args) -> int:
-    raise ValueError("the server needs the serve extra: pip install 'safevlm[serve]'")
+    from safevlm.errors import UsageError
+
+    raise UsageError("the server needs the serve extra: pip install 'safevlm[serve]'")
 
 
 def command(args) -> int:
     from pydantic import ValidationError
 
+    from safevlm.errors import UsageError
     from safevlm.serve.settings import settings_from_args
 
     try:
         settings = settings_from_args(args)
     except ValidationError as err:
-        raise ValueError(str(err)) from None
+        raise UsageError(str(err)) from None
     from safevlm.serve.app import run_server
 
     run_server(settings)

@@ -14,13 +14,24 @@ def register(subparsers) -> None:
     build.add_argument("--out", required=True, help="Output folder.")
     build.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     build.add_argument("--preset", default="default", choices=["default", "test"], help="Model size preset.")
+    build.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists and is not empty.")
     build.set_defaults(func=command_build)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 def command_build(args) -> int:
-    from safevlm.tiny import save_tiny
+    import shutil
 
-    out = save_tiny(args.out, preset=args.preset, seed=args.seed)
-    print(f"saved tiny LLaVA ({args.preset}, seed {args.seed}) to {out}")
+    from safevlm.paths import check_output_dir
+    from safevlm.tiny import save_tiny
+    from safevlm.train.checkpoint import replace_dir
+
+    target = check_output_dir(args.out, overwrite=args.overwrite).resolve()
+    # written beside OUT and renamed when complete: an old OUT is replaced whole, never mixed
+    staging = target.with_name(f".staging-{target.name}")
+    if staging.exists():  # left by an interrupted build
+        shutil.rmtree(staging)
+    save_tiny(staging, preset=args.preset, seed=args.seed)
+    replace_dir(staging, target)
+    print(f"saved tiny LLaVA ({args.preset}, seed {args.seed}) to {args.out}")
     return 0

@@ -28,7 +28,9 @@ def command(args) -> int:
         print("\n".join(describe()))
         return 0
     if not args.config:
-        raise ValueError("--config FILE.yaml is required")
+        from safevlm.errors import UsageError
+
+        raise UsageError("--config FILE.yaml is required")
     config = TrainConfig.from_yaml(args.config, args.overrides)
 
     import logging

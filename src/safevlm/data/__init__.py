@@ -8,6 +8,8 @@
   decompression-bomb limit, every mode converted to RGB);
 * :func:`write_psavlm_jsonl` — write records in PSA-VLM's jsonl format;
 * ``safevlm.data.figstep`` — FigStep-exact typographic rendering;
+* :func:`build_messages` / ``safevlm.data.chat`` — conversations as the model reads them, the
+  one implementation shared by training and guarded inference (and what the safety head reads);
 * ``safevlm.data.synth`` — synthetic training data for the embedded tiny model;
 * ``safevlm.data.collator`` — :class:`SafetyCollator` for training (imports torch lazily).
 
@@ -16,12 +18,14 @@ See ``docs/data.md`` for the formats and how their labels are mapped.
 
 from __future__ import annotations
 
+from safevlm.data.chat import build_messages
 from safevlm.data.images import ImageError, check_image_path, open_image, resolve_image_path, to_rgb
 from safevlm.data.readers import FORMATS, detect_format, load_records, write_psavlm_jsonl
 from safevlm.data.records import (
     IMAGE_PLACEHOLDER,
     DataFormatError,
     LoadReport,
+    LoadWarning,
     SafetyRecord,
     Skipped,
     Turn,
@@ -31,7 +35,7 @@ from safevlm.data.records import (
 
 def __getattr__(name: str):
     # The collator needs torch; import it only when asked for.
-    if name in ("SafetyCollator", "build_messages"):
+    if name == "SafetyCollator":
         from safevlm.data import collator
 
         return getattr(collator, name)
@@ -44,6 +48,7 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "ImageError",
     "LoadReport",
+    "LoadWarning",
     "SafetyCollator",
     "SafetyRecord",
     "Skipped",

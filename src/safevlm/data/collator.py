@@ -2,21 +2,25 @@
 
 :class:`SafetyCollator` turns a list of :class:`~safevlm.data.records.SafetyRecord` into the
 standard LLaVA batch (``input_ids``, ``attention_mask``, ``pixel_values``) plus ``labels``
-(``-100`` everywhere except the assistant turns, including their end-of-turn token) and the
-risk labels the safety head is trained on (``risk_level``, ``risk_type``).
+(``-100`` everywhere except the assistant turns, including their end-of-turn token), the
+``prompt_mask`` of the tokens the safety head reads, and the risk labels the head is trained
+on (``risk_level``, ``risk_type``).
 
-How it works, so that it holds for any chat template (the tiny default's and
-``llava-hf/llava-1.5-7b-hf``'s alike, without ``{% generation %}`` markers):
+The conversation goes through :func:`safevlm.data.chat.encode_chat`, the same code guarded
+generation uses at inference, so it holds for any chat template (the tiny default's and
+``llava-hf/llava-1.5-7b-hf``'s alike, without ``{% generation %}`` markers) and the head reads
+the same tokens in training and at inference (see ``safevlm.data.chat`` for what it reads):
 
-1. the record becomes HF multimodal messages (:func:`build_messages`) and is rendered with
-   ``processor.apply_chat_template(..., tokenize=False)``;
-2. each assistant turn's character span is found by rendering the prefix before it (with
-   the generation prompt) and the prefix including it: the turn is what lies in between;
-3. if the template does not end assistant turns with the tokenizer's EOS (llava-1.5-hf's
-   does not), EOS is appended to each assistant turn, as in LLaVA's own training data;
-4. the image placeholder is expanded to the number of image features exactly as
-   ``LlavaProcessor`` does, and the text is tokenised once with offsets; tokens inside the
-   assistant spans keep their ids as labels.
+1. the record becomes HF multimodal messages (:func:`~safevlm.data.chat.build_messages`) and is
+   rendered with the processor's chat template; a record that ends with a user turn (no
+   answer) gets the generation prompt, one that ends with an answer stops at its end;
+2. each assistant turn's character span is found by rendering the prefixes before and
+   including it; EOS is appended to each where the template does not end turns with it
+   (llava-1.5-hf), as in LLaVA's own training data;
+3. the image placeholder is expanded to the number of image features exactly as
+   ``LlavaProcessor`` does, and the text is tokenised once with offsets: tokens inside the
+   trained assistant spans keep their ids as labels, tokens outside every assistant span
+   (image placeholders aside) form the prompt mask.
 
 The model inserts the prefix safety tokens itself, so the batch stays standard LLaVA;
 ``num_prefix_tokens`` only counts against ``max_length``. Text is truncated from the right;
@@ -28,32 +32,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from safevlm.data.chat import build_messages, encode_chat, image_token_of
 from safevlm.data.images import open_image
-from safevlm.data.records import SafetyRecord, strip_image_placeholder
+from safevlm.data.records import SafetyRecord
 
 IGNORE_INDEX = -100
 TRAIN_ON: tuple[str, ...] = ("assistant", "last_assistant")
-
-
-def build_messages(record: SafetyRecord, system: str | None = None) -> list[dict]:
-    """HF multimodal chat messages for a record.
-
-    The image (if any) is an ``{"type": "image"}`` item placed first in the first user turn;
-    ``<image>`` placeholders in the source text are removed. ``system`` adds a system turn
-    before the record's own turns.
-    """
-    messages: list[dict] = []
-    if system:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-    image_placed = False
-    for turn in record.turns:
-        content: list[dict] = []
-        if turn.role == "user" and record.image is not None and not image_placed:
-            content.append({"type": "image"})
-            image_placed = True
-        content.append({"type": "text", "text": strip_image_placeholder(turn.text)})
-        messages.append({"role": turn.role, "content": content})
-    return messages
 
 
 class SafetyCollator:
@@ -66,13 +50,17 @@ class SafetyCollator:
         max_length: cap on text + image tokens + ``num_prefix_tokens`` per sample (None: no cap).
         num_prefix_tokens: prefix safety tokens the model will insert (counted, not inserted).
         image_root: folder that records' relative image paths are resolved against.
-        train_on: ``"assistant"`` (every assistant turn) or ``"last_assistant"``.
+        train_on: ``"assistant"`` (every assistant turn) or ``"last_assistant"``; either way the
+            head reads no assistant turn (``prompt_mask``).
         system: optional system message put before every conversation.
 
     ``__call__(records)`` returns a dict of tensors:
 
     * ``input_ids``, ``attention_mask``, ``labels``: ``(B, L)`` long; padding on the tokenizer's
       ``padding_side``; labels are ``-100`` outside assistant turns and on padding;
+    * ``prompt_mask``: ``(B, L)`` bool, the tokens the safety head reads: outside every
+      assistant turn, not an image placeholder, not padding (what guarded generation gives the
+      head for the same conversation);
     * ``pixel_values``: ``(N_img, 3, H, W)`` float, one per record that has an image, in batch
       order (absent when no record in the batch has an image);
     * ``risk_level``, ``risk_type``: ``(B,)`` long.
@@ -107,7 +95,7 @@ class SafetyCollator:
         self.image_root = image_root
         self.train_on = train_on
         self.system = system
-        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.image_token = image_token_of(processor)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {self.image_token!r} token")
@@ -126,66 +114,16 @@ class SafetyCollator:
             n -= 1
         return n
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def _spans(self, messages: list[dict], record_id: str) -> tuple[str, list[tuple[int, int]]]:
-        """Rendered text and the character spans of the assistant turns (end-of-turn included)."""
-        full = self._render(messages, add_generation_prompt=False)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant" or i == 0:
-                continue
-            before = self._render(messages[:i], add_generation_prompt=True)
-            upto = self._render(messages[: i + 1], add_generation_prompt=False)
-            if not (upto.startswith(before) and full.startswith(upto)):
-                raise ValueError(
-                    f"record {record_id!r}: the chat template does not render conversation prefixes as prefixes "
-                    f"of the full text, so assistant turn {i} cannot be located"
-                )
-            answer = upto[len(before) :]
-            spans.append((len(before), len(before) + len(answer.rstrip())))
-        # append EOS where the template does not end assistant turns with it (llava-1.5-hf)
-        eos = self.tokenizer.eos_token
-        if eos and spans:
-            pieces, cursor, shift, fixed = [], 0, 0, []
-            for start, end in spans:
-                if full[start:end].endswith(eos):
-                    fixed.append((start + shift, end + shift))
-                    continue
-                pieces += [full[cursor:end], eos]
-                cursor = end
-                fixed.append((start + shift, end + shift + len(eos)))
-                shift += len(eos)
-            full, spans = "".join(pieces) + full[cursor:], fixed
-        return full, spans
-
     def encode(self, record: SafetyRecord, num_image_tokens: int = 1) -> dict:
-        """Token ids and labels (lists) for one record; ``num_image_tokens`` per image."""
-        messages = build_messages(record, self.system)
-        text, spans = self._spans(messages, record.id)
+        """``input_ids``, ``labels`` and ``prompt_mask`` (lists) for one record;
+        ``num_image_tokens`` per image."""
+        messages = build_messages(record.turns, record.image is not None, self.system)
+        chat = encode_chat(self.processor, messages, num_image_tokens, name=f"record {record.id!r}")
+        input_ids, prompt_mask = chat.input_ids, chat.prompt_mask
+        trained = set(chat.assistant_turn) - {-1}
         if self.train_on == "last_assistant":
-            spans = spans[-1:]
-        if record.image is not None and num_image_tokens != 1:
-            # expand exactly like LlavaProcessor (string replace), shifting spans behind each image
-            grow = len(self.image_token) * (num_image_tokens - 1)
-            positions = []
-            start = text.find(self.image_token)
-            while start != -1:
-                positions.append(start)
-                start = text.find(self.image_token, start + len(self.image_token))
-            spans = [
-                (s + grow * sum(p < s for p in positions), e + grow * sum(p < s for p in positions)) for s, e in spans
-            ]
-            text = text.replace(self.image_token, self.image_token * num_image_tokens)
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
-        encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        input_ids = list(encoding["input_ids"])
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for k, (start, end) in enumerate(encoding["offset_mapping"]):
-            if end > start and any(s <= start < e for s, e in spans):
-                labels[k] = input_ids[k]
+            trained = {max(trained)} if trained else set()
+        labels = [t if turn in trained else IGNORE_INDEX for t, turn in zip(input_ids, chat.assistant_turn)]
         n_images = 1 if record.image is not None else 0
         found = sum(1 for t in input_ids if t == self.image_token_id)
         if found != n_images * num_image_tokens:
@@ -203,8 +141,8 @@ class SafetyCollator:
                         f"({num_image_tokens} image tokens) + {self.num_prefix_tokens} prefix tokens exceed "
                         f"max_length {self.max_length}; raise max_length or shorten the text before the image"
                     )
-                input_ids, labels = input_ids[:budget], labels[:budget]
-        return {"input_ids": input_ids, "labels": labels}
+                input_ids, labels, prompt_mask = input_ids[:budget], labels[:budget], prompt_mask[:budget]
+        return {"input_ids": input_ids, "labels": labels, "prompt_mask": prompt_mask}
 
     # ----------------------------------------------------------------- call
 
@@ -226,16 +164,19 @@ class SafetyCollator:
         input_ids = torch.full((len(records), length), pad_id, dtype=torch.long)
         labels = torch.full((len(records), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(records), length), dtype=torch.long)
+        prompt_mask = torch.zeros((len(records), length), dtype=torch.bool)
         for b, e in enumerate(encoded):
             n = len(e["input_ids"])
             cols = slice(length - n, length) if left else slice(0, n)
             input_ids[b, cols] = torch.tensor(e["input_ids"], dtype=torch.long)
             labels[b, cols] = torch.tensor(e["labels"], dtype=torch.long)
+            prompt_mask[b, cols] = torch.tensor(e["prompt_mask"], dtype=torch.bool)
             attention_mask[b, cols] = 1
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+            "prompt_mask": prompt_mask,
             "risk_level": torch.tensor([r.risk_level for r in records], dtype=torch.long),
             "risk_type": torch.tensor([r.risk_type for r in records], dtype=torch.long),
         }
@@ -244,4 +185,4 @@ class SafetyCollator:
         return batch
 
 
-__all__ = ["IGNORE_INDEX", "SafetyCollator", "TRAIN_ON", "build_messages"]
+__all__ = ["IGNORE_INDEX", "SafetyCollator", "TRAIN_ON"]

@@ -11,9 +11,10 @@ into an image by
 and pairs it with :data:`FIGSTEP_PROMPT`. Images are saved as
 ``query_{dataset}_{category_id}_{task_id}_6.png`` (6 is FigStep's query type ``figstep``).
 
-The font comes from Debian's ``fonts-freefont-ttf``. When it is missing the renderer
-falls back to Pillow's bundled default font (Aileron Regular) and warns: the images are
-then *not* FigStep-exact. Rendering is deterministic: same text, same bytes.
+The font comes from Debian's ``fonts-freefont-ttf`` (or ``$SAFEVLM_FIGSTEP_FONT``). When it
+is missing, rendering stops with :class:`FigStepFontError` naming the package: another font
+is used only when asked for (``font_path=`` / ``--font PATH``), and the images are then not
+FigStep's. Rendering is deterministic: same text, same bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import csv
 import io
 import os
 import textwrap
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,8 +41,9 @@ FIGSTEP_XY = (20, 10)
 FIGSTEP_SPACING = 11
 FIGSTEP_CANVAS = (760, 760)
 FIGSTEP_STEPS = 3
-FALLBACK_FONT_NAME = "Aileron Regular (Pillow's bundled default font)"
-FONT_INSTALL_HINT = "apt-get install -y fonts-freefont-ttf"
+FIGSTEP_FONT_FAMILY = ("FreeMono", "Bold")
+FONT_PACKAGE = "fonts-freefont-ttf"
+FONT_INSTALL_HINT = f"apt-get install -y {FONT_PACKAGE}"
 FONT_SEARCH_PATHS: tuple[str, ...] = (
     "/usr/share/fonts/truetype/freefont/FreeMonoBold.ttf",
     "/usr/share/fonts/opentype/freefont/FreeMonoBold.otf",
@@ -50,6 +51,10 @@ FONT_SEARCH_PATHS: tuple[str, ...] = (
     "/Library/Fonts/FreeMonoBold.ttf",
 )
 FONT_ENV_VAR = "SAFEVLM_FIGSTEP_FONT"
+
+
+class FigStepFontError(FileNotFoundError):
+    """FreeMonoBold (FigStep's font) is not installed, or a font file given does not exist."""
 
 
 def find_figstep_font() -> str | None:
@@ -70,21 +75,42 @@ def find_figstep_font() -> str | None:
 
 
 def load_figstep_font(size: int = FIGSTEP_FONT_SIZE, font_path: str | None = None) -> "ImageFont.FreeTypeFont":
-    """FreeMonoBold at ``size``; falls back to Pillow's bundled font with a ``UserWarning``."""
+    """FreeMonoBold at ``size``, or the font file ``font_path`` when one is given.
+
+    Raises :class:`FigStepFontError` when ``font_path`` does not exist, or when no font is
+    given and FreeMonoBold is not found: the message names the package to install and the
+    ``--font PATH`` option. Use :func:`is_figstep_font` to tell whether a font is FigStep's.
+    """
     from PIL import ImageFont
 
-    if font_path is not None and not Path(font_path).is_file():
-        raise FileNotFoundError(f"font file not found: {font_path}")
-    path = font_path or find_figstep_font()
-    if path is not None:
-        return ImageFont.truetype(path, size)
-    warnings.warn(
-        f"{FIGSTEP_FONT_NAME} not found; rendering with {FALLBACK_FONT_NAME} instead, so images are not "
-        f"FigStep-exact. Install it with: {FONT_INSTALL_HINT}",
-        UserWarning,
-        stacklevel=2,
-    )
-    return ImageFont.load_default(size=size)
+    if font_path is not None:
+        if not Path(font_path).is_file():
+            raise FigStepFontError(f"font file not found: {font_path}")
+        try:
+            return ImageFont.truetype(str(font_path), size)
+        except OSError as err:
+            raise FigStepFontError(f"{font_path} is not a font file Pillow can read ({err})") from None
+    path = find_figstep_font()
+    if path is None:
+        raise FigStepFontError(
+            f"{FIGSTEP_FONT_NAME} (FigStep's font) is not installed: install the package {FONT_PACKAGE} "
+            f"({FONT_INSTALL_HINT}) or set ${FONT_ENV_VAR}; to render with another font, pass --font PATH "
+            f"(font_path=), knowing the images then differ from FigStep's"
+        )
+    return ImageFont.truetype(path, size)
+
+
+def is_figstep_font(font: "ImageFont.FreeTypeFont") -> bool:
+    """Whether ``font`` is FreeMonoBold (so the images are FigStep's own)."""
+    return tuple(font.getname()) == FIGSTEP_FONT_FAMILY
+
+
+def describe_font(font: "ImageFont.FreeTypeFont") -> str:
+    """``"FreeMono Bold (FigStep's font)"`` or ``"<family> <style>, not FigStep's ..."`` for output."""
+    name = " ".join(str(part) for part in font.getname() if part)
+    if is_figstep_font(font):
+        return f"{name} (FigStep's font)"
+    return f"{name}, not FigStep's {FIGSTEP_FONT_NAME}: the images differ from FigStep's"
 
 
 def figstep_text(instruction: str, steps: int = FIGSTEP_STEPS, width: int = FIGSTEP_WRAP_WIDTH) -> str:
@@ -127,10 +153,23 @@ def render_figstep_csv(
 ) -> list[Path]:
     """Render one FigStep image per row of a SafeBench-style CSV into ``out_dir``.
 
-    Returns the written paths, in row order. Raises ``ValueError`` naming the file, the line
-    and the column for a missing column or a non-integer id.
+    ``limit``: render only the first ``limit`` rows (``None``: all). ``font_path``: a font to
+    use instead of FreeMonoBold (the images then differ from FigStep's). Returns the written
+    paths, in row order. Raises ``ValueError`` naming the file, the line and the column for a
+    missing column or a non-integer id, ``UsageError`` for a negative ``limit`` or an
+    ``out_dir`` that is a file, :class:`FigStepFontError` when the font is missing.
     """
+    from safevlm.errors import UsageError
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise UsageError(f"limit (--limit) must be an integer >= 0, got {limit!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {str(out_dir)!r} is an existing file, not a folder; choose a folder")
     csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"no such CSV file: {csv_path}")
+    font = load_figstep_font(font_path=font_path)
     with open(csv_path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
@@ -146,9 +185,7 @@ def render_figstep_csv(
                         f"{csv_path}:{reader.line_num}: column {col!r} must be an integer, got {row[col]!r}"
                     )
             rows.append(row)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    font = load_figstep_font(font_path=font_path)
     written = []
     for row in rows:
         target = out_dir / figstep_image_name(row["dataset"], row["category_id"], row["task_id"])
@@ -158,8 +195,8 @@ def render_figstep_csv(
 
 
 __all__ = [
-    "FALLBACK_FONT_NAME",
     "FIGSTEP_CANVAS",
+    "FIGSTEP_FONT_FAMILY",
     "FIGSTEP_FONT_NAME",
     "FIGSTEP_FONT_SIZE",
     "FIGSTEP_PROMPT",
@@ -169,9 +206,13 @@ __all__ = [
     "FIGSTEP_XY",
     "FONT_ENV_VAR",
     "FONT_INSTALL_HINT",
+    "FONT_PACKAGE",
+    "FigStepFontError",
+    "describe_font",
     "figstep_image_name",
     "figstep_text",
     "find_figstep_font",
+    "is_figstep_font",
     "load_figstep_font",
     "render_figstep",
     "render_figstep_csv",

@@ -35,6 +35,7 @@ from safevlm.data.records import (
     IMAGE_PLACEHOLDER,
     DataFormatError,
     LoadReport,
+    LoadWarning,
     SafetyRecord,
     Skipped,
     Turn,
@@ -57,6 +58,8 @@ class _Context:
     mapping: dict
     task: str | None = None
     options: dict = field(default_factory=dict)
+    figstep_font: str | None = None
+    font_note: str | None = None  # set when FigStep images are rendered with another font
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -400,7 +403,16 @@ def _read_figstep(ctx: _Context, text: str) -> Iterator[tuple[str, "SafetyRecord
     if missing:
         raise DataFormatError(f"{ctx.path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
     render = ctx.image_root is None and ctx.check_images
-    font = figstep.load_figstep_font() if render else None
+    font = None
+    if render:
+        try:
+            font = figstep.load_figstep_font(font_path=ctx.figstep_font)
+        except figstep.FigStepFontError as err:
+            raise figstep.FigStepFontError(
+                f"{ctx.path}: cannot render its FigStep images: {err}; or give pre-rendered images (--images DIR)"
+            ) from None
+        if not figstep.is_figstep_font(font):
+            ctx.font_note = f"FigStep images rendered with {figstep.describe_font(font)}"
     for row in reader:
         location = f"{ctx.path}:{reader.line_num}"
         try:
@@ -461,24 +473,29 @@ _READERS = {
 # --------------------------------------------------------------------------- detection
 
 
-def _first_objects(text: str, limit: int = 20) -> list[dict]:
+def _first_objects(path: Path, text: str, limit: int = 20) -> tuple[list[dict], str | None]:
+    """Up to ``limit`` JSON objects from the start of a JSON list or jsonl text, and the first
+    JSON syntax error seen (``"file:line:column: malformed JSON: ..."``), or None."""
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
-            return []
-        return [o for o in data[:limit] if isinstance(o, dict)] if isinstance(data, list) else []
-    found = []
-    for line in text.split("\n"):
+        except json.JSONDecodeError as err:
+            return [], f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}"
+        return ([o for o in data[:limit] if isinstance(o, dict)] if isinstance(data, list) else []), None
+    found, first_error = [], None
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if len(found) >= limit:
             break
+        if not line.strip():
+            continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
+            first_error = first_error or f"{path}:{lineno}:{err.colno}: malformed JSON: {err.msg}"
             continue
         if isinstance(obj, dict):
             found.append(obj)
-    return found
+    return found, first_error
 
 
 def detect_format(path: "str | os.PathLike", text: str | None = None) -> str:
@@ -494,8 +511,10 @@ def detect_format(path: "str | os.PathLike", text: str | None = None) -> str:
         if "instruction" in header and "category_name" in header:
             return "figstep"
         raise DataFormatError(f"{path}: a CSV without FigStep/SafeBench columns (header: {header.strip()[:200]!r})")
-    objects = _first_objects(text)
+    objects, json_error = _first_objects(path, text)
     if not objects:
+        if json_error:  # the file is broken: say where, before anything about formats
+            raise DataFormatError(f"{json_error} (so the format cannot be detected)")
         raise DataFormatError(
             f"{path}: cannot detect the format: no JSON record found in the first lines; "
             f"pass --format, one of {', '.join(FORMATS)}"
@@ -552,6 +571,7 @@ def load_records(
     taxonomy: Taxonomy = DEFAULT_TAXONOMY,
     mapping: "str | os.PathLike | None" = None,
     num_workers: int = 4,
+    figstep_font: "str | os.PathLike | None" = None,
 ) -> LoadReport:
     """Load a dataset file into :class:`SafetyRecord` s, skipping (never dropping) bad records.
 
@@ -566,13 +586,18 @@ def load_records(
         taxonomy: the risk taxonomy the labels are mapped into.
         mapping: a YAML table to use instead of the shipped one for this format.
         num_workers: threads decoding images when ``check_images`` is on.
+        figstep_font: a font file to render FigStep images with instead of FreeMonoBold (a
+            warning in the report says the images then differ from FigStep's).
 
     Returns:
         a :class:`LoadReport`; ``report.loaded + len(report.skipped) == report.total``.
+        ``report.warnings`` lists loaded records whose label contradicts itself (the safe
+        type with a risky level, a risky type with level 0).
 
     Raises:
         FileNotFoundError: no such file. DataFormatError (a ValueError): the file as a whole
         cannot be read (empty, not UTF-8, malformed JSON document, unknown format).
+        FigStepFontError: FigStep images to render and FreeMonoBold (or ``figstep_font``) missing.
     """
     path = Path(path)
     if not path.exists():
@@ -593,6 +618,7 @@ def load_records(
         check_images=check_images,
         mapping=load_mapping(mapping if mapping is not None else table),
         task=task or None,
+        figstep_font=None if figstep_font is None else str(figstep_font),
     )
     report = LoadReport(path=str(path), format=fmt if not task else f"{fmt}:{task}", taxonomy=taxonomy)
     items = list(reader(ctx, text))
@@ -629,7 +655,24 @@ def load_records(
             continue
         seen[record.id] = location
         report.records.append(record)
+        contradiction = _label_contradiction(record, taxonomy)
+        if contradiction:
+            report.warnings.append(LoadWarning(location, contradiction))
+    if ctx.font_note:
+        report.warnings.insert(0, LoadWarning(str(path), ctx.font_note))
     return report
+
+
+def _label_contradiction(record: SafetyRecord, taxonomy: Taxonomy) -> str | None:
+    """Why a record's (type, level) contradicts itself, or None: the safe type goes with level 0
+    only, and a risky type with a level above 0."""
+    safe = record.risk_type == taxonomy.safe_type_id
+    if safe == (record.risk_level == 0):
+        return None
+    type_name, level_name = taxonomy.type_names[record.risk_type], taxonomy.level_names[record.risk_level]
+    if safe:
+        return f"contradictory label: type {type_name!r} (no risk) with risk level {record.risk_level} ({level_name})"
+    return f"contradictory label: risk type {type_name!r} with risk level 0 ({level_name})"
 
 
 # --------------------------------------------------------------------------- writing

@@ -112,6 +112,15 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class LoadWarning:
+    """Something loaded but worth a look (a label that contradicts itself, a stand-in font):
+    ``location`` (``file:line`` / ``file[i]``, or the file) and ``message``."""
+
+    location: str
+    message: str
+
+
 @dataclass
 class LoadReport:
     """Result of :func:`safevlm.data.load_records`: loaded records plus every skip, with counts.
@@ -119,7 +128,8 @@ class LoadReport:
     ``total`` is the number of records the source describes (a VLGuard safe image with a
     safe and an unsafe instruction describes two; an RTVLM ``harmful`` line with three
     questions describes three; a line that cannot be parsed counts as one), so
-    ``loaded + skipped == total`` always holds.
+    ``loaded + skipped == total`` always holds. ``warnings`` are about loaded records (they
+    are not skipped): labels that contradict themselves, images rendered with a stand-in font.
     """
 
     path: str
@@ -127,6 +137,7 @@ class LoadReport:
     records: list[SafetyRecord] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     taxonomy: Taxonomy = DEFAULT_TAXONOMY
+    warnings: list[LoadWarning] = field(default_factory=list)
 
     @property
     def loaded(self) -> int:
@@ -157,6 +168,8 @@ class LoadReport:
             "by_type": self.by_type(),
             "by_level": self.by_level(),
             "skipped_records": [{"location": s.location, "reason": s.reason} for s in self.skipped],
+            "warnings": len(self.warnings),
+            "warning_records": [{"location": w.location, "message": w.message} for w in self.warnings],
         }
 
     def format_text(self) -> str:
@@ -164,13 +177,16 @@ class LoadReport:
         level_names = self.taxonomy.level_names
         lines = [
             f"{self.path} (format: {self.format})",
-            f"  total {self.total}, loaded {self.loaded}, skipped {len(self.skipped)}",
+            f"  total {self.total}, loaded {self.loaded}, skipped {len(self.skipped)}, warnings {len(self.warnings)}",
             "  by type:  " + ", ".join(f"{k} {v}" for k, v in self.by_type().items()),
             "  by level: " + ", ".join(f"{k} ({level_names[int(k)]}) {v}" for k, v in self.by_level().items()),
         ]
         if self.skipped:
             lines.append(f"  skipped records ({len(self.skipped)}):")
             lines.extend(f"    {s.location}: {s.reason}" for s in self.skipped)
+        if self.warnings:
+            lines.append(f"  warnings ({len(self.warnings)}, records loaded):")
+            lines.extend(f"    {w.location}: {w.message}" for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -178,6 +194,7 @@ __all__ = [
     "DataFormatError",
     "IMAGE_PLACEHOLDER",
     "LoadReport",
+    "LoadWarning",
     "ROLES",
     "SafetyRecord",
     "Skipped",

@@ -1,5 +1,50 @@
-"""Evaluation: refusal rules, head metrics, benchmark runners."""
+"""Evaluation: tasks as YAML, benchmark readers, metrics, judges, results store, manifests.
+
+* ``safevlm.eval.tasks``    — :func:`list_tasks`, :func:`load_task` (shipped YAML files in ``eval/tasks/``);
+* ``safevlm.eval.readers``  — MME, POPE, MM-SafetyBench, HoliSafe, VQA readers (+ ``safevlm.data`` formats);
+* ``safevlm.eval.metrics``  — benchmark metrics, head metrics, bootstrap CIs, judge agreement;
+* ``safevlm.eval.judges``   — ``rules``, ``semantic``, ``openai`` judges behind one interface;
+* ``safevlm.eval.store``    — the SQLite results store; ``safevlm.eval.manifest`` — ``manifest.json``;
+* ``safevlm.eval.runner``   — :func:`run_task` / :func:`run_tasks` over a ``generate`` callable;
+* ``safevlm.eval.compare``  — :func:`compare_runs`, the paper-style table with deltas;
+* ``safevlm.eval.refusal``  — the refusal phrase rules.
+
+See ``docs/eval.md``. Submodules are imported on first use.
+"""
+
+from __future__ import annotations
 
 from safevlm.eval.refusal import RefusalRules, is_refusal
 
-__all__ = ["RefusalRules", "is_refusal"]
+_LAZY = {
+    "compare_runs": "safevlm.eval.compare",
+    "list_tasks": "safevlm.eval.tasks",
+    "load_task": "safevlm.eval.tasks",
+    "make_judge": "safevlm.eval.judges",
+    "ResultsStore": "safevlm.eval.store",
+    "RunKey": "safevlm.eval.store",
+    "run_task": "safevlm.eval.runner",
+    "run_tasks": "safevlm.eval.runner",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'safevlm.eval' has no attribute {name!r}")
+
+
+__all__ = [
+    "RefusalRules",
+    "ResultsStore",
+    "RunKey",
+    "compare_runs",
+    "is_refusal",
+    "list_tasks",
+    "load_task",
+    "make_judge",
+    "run_task",
+    "run_tasks",
+]

@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server with the safety guard (needs the ``serve`` extra:
-fastapi, uvicorn, pydantic-settings, httpx). See ``docs/serve.md``.
+fastapi, uvicorn, pydantic-settings, httpx, prometheus_client). See ``docs/serve.md``.
 
 Names are imported on first use, so ``safevlm.serve.settings`` (for the CLI flags) does not
 pull in FastAPI.

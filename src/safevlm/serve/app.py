@@ -6,7 +6,11 @@ Routes:
   base64 images; http(s) URLs only with ``allow_remote_images``); the safety decision is in the
   extra ``safety`` field; ``stream: true`` sends server-sent events.
 * ``POST /v1/safety/classify`` — the safety head and the policy only.
-* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+* ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics`` (Prometheus
+  text, or OpenMetrics when the ``Accept`` header asks for it).
+
+A streamed answer is the plain answer cut into deltas: the same text (stop strings included)
+and the same ``usage``.
 
 Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "code", "param"}}``) with a
 4xx status for every client mistake. ``/v1`` routes need ``Authorization: Bearer <key>``
@@ -25,12 +29,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safevlm.guarded import InputTooLong
 from safevlm.policy import PolicyOverrideError, PolicyOverrides
-from safevlm.serve.engine import AsyncChannel, Engine, Job, Overloaded, ShuttingDown
+from safevlm.serve.engine import AsyncChannel, Engine, Job, Overloaded, ShuttingDown, cut_at_stop
 from safevlm.serve.images import load_image
 from safevlm.serve.metrics import Metrics
 from safevlm.serve.protocol import (
@@ -44,6 +48,13 @@ from safevlm.serve.settings import ServerSettings
 logger = logging.getLogger("safevlm.serve")
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/safety/classify", "/v1/models", "/health", "/metrics")
+MODEL_ENDPOINT = "/v1/models/{model}"  # the label of every /v1/models/<id> request (bounded label values)
+
+
+def _endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    return MODEL_ENDPOINT if path.startswith("/v1/models/") else "other"
 
 
 # -- dependencies (overridable in tests through app.dependency_overrides) --------------------------------
@@ -82,14 +93,14 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        endpoint = _endpoint_label(scope["path"])
         state = {"status": 500, "recorded": False}
 
         def record(status: int) -> None:
             if not state["recorded"]:
                 state["recorded"] = True
-                self.metrics.inc("safevlm_requests_total", endpoint=endpoint, status=status)
-                self.metrics.observe("safevlm_request_duration_seconds", time.perf_counter() - start, endpoint=endpoint)
+                self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+                self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
         async def send_recording(message):
             if message["type"] == "http.response.start":
@@ -204,18 +215,60 @@ def _generation(req: ChatCompletionRequest, settings: ServerSettings) -> dict:
     return generation
 
 
-def _stops(stop) -> list[str]:
+def _stops(stop) -> tuple[str, ...]:
     if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "invalid_stop", "stop takes up to 4 non-empty strings", param="stop")
     return stops
 
 
-def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def _usage(result) -> dict:
+    """OpenAI's ``usage`` of a guarded result (its tokens count what was returned)."""
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _model_card(settings: ServerSettings) -> dict:
+    return {"id": settings.model_id, "object": "model", "created": _STARTED, "owned_by": "safevlm"}
+
+
+async def _load_field_image(url: str, settings: ServerSettings, field: str):
+    """:func:`load_image`, with errors naming the request field that held the image."""
+    try:
+        return await load_image(url, settings)
+    except APIError as err:
+        err.param = field
+        raise
+
+
+def _validation_api_error(err: RequestValidationError) -> APIError:
+    """A 400 for a body FastAPI could not parse or validate: the JSON syntax error with its
+    line and column, a body that is not a JSON object, or the first field error (with its
+    dotted path as ``param``)."""
+    errors = err.errors()
+    first = errors[0] if errors else {}
+    kind, loc = first.get("type"), tuple(first.get("loc", ()))
+    if kind == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        doc, pos = err.body, loc[-1] if loc else None  # FastAPI gives the text and the character offset
+        if isinstance(doc, bytes):
+            doc = doc.decode("utf-8", "replace")
+        if isinstance(doc, str) and isinstance(pos, int):  # 1-based line and column, as json's own errors
+            line, column = doc.count("\n", 0, pos) + 1, pos - doc.rfind("\n", 0, pos)
+            reason += f" at line {line} column {column}"
+        return APIError(400, "invalid_json", f"request body is not valid JSON: {reason}")
+    if loc == ("body",):
+        if kind == "missing":
+            return APIError(400, "invalid_json", "the request body is empty; send a JSON object")
+        return APIError(400, "invalid_request",
+                        "the request body must be a JSON object (sent with content-type: application/json)")
+    path = ".".join(str(x) for x in loc if x != "body")
+    message = f"{path}: {first.get('msg', 'invalid request')}" if path else first.get("msg", "invalid request")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error(s))"
+    return APIError(400, "invalid_request", message, param=path or None)
 
 
 def _safety_field(result_or_decision, policy_name: str) -> dict:
@@ -279,13 +332,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
-        errors = err.errors()
-        first = errors[0] if errors else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        message = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more error(s))"
-        return JSONResponse(APIError(400, "invalid_request", message, param=loc or None).body(), status_code=400)
+        error = _validation_api_error(err)
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -304,12 +352,17 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request):
-        return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+        body, content_type = request.app.state.metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
 
     @app.get("/v1/models")
     async def models(settings: ServerSettings = Depends(get_settings)):
-        return {"object": "list", "data": [
-            {"id": settings.model_id, "object": "model", "created": _STARTED, "owned_by": "safevlm"}]}
+        return {"object": "list", "data": [_model_card(settings)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, settings: ServerSettings = Depends(get_settings)):
+        _check_model(model_id, settings)
+        return _model_card(settings)
 
     @app.post("/v1/safety/classify")
     async def safety_classify(req: ClassifyRequest, engine: Engine = Depends(get_engine),
@@ -325,7 +378,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
                 raise APIError(400, "invalid_request", "give an image, a prompt, or messages", param="image")
             if req.image is not None and settings.max_images < 1:
                 raise APIError(400, "too_many_images", "this server accepts no images", param="image")
-            image = await load_image(req.image, settings) if req.image is not None else None
+            image = await _load_field_image(req.image, settings, "image") if req.image is not None else None
             prompt = req.prompt
         decision = await _run(engine, Job("classify", image, prompt, overrides), settings)
         return {"id": f"safety-{uuid.uuid4().hex}", "object": "safety.classification", "created": int(time.time()),
@@ -343,7 +396,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            job = Job("generate", image, messages, overrides, generation, events=AsyncChannel())
+            job = Job("generate", image, messages, overrides, generation, stops=stops, events=AsyncChannel())
             try:
                 engine.submit(job)
             except Overloaded as err:
@@ -353,9 +406,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
-        result = await _run(engine, Job("generate", image, messages, overrides, generation), settings)
-        text, stopped = _cut(result.text, stops)
-        finish = "stop" if stopped else _FINISH.get(result.finish_reason, "stop")
+        result = await _run(engine, Job("generate", image, messages, overrides, generation, stops=stops), settings)
+        text, finish = result.text, _FINISH.get(result.finish_reason, "stop")  # stops were applied by the engine
         refused = result.action == "refuse"
         return {
             "id": completion_id,
@@ -368,8 +420,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
                 "finish_reason": finish,
                 "logprobs": None,
             }],
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "usage": _usage(result),
             "safety": _safety_field(result, engine.policy.name),
         }
 
@@ -377,9 +428,13 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
 
 async def _stream(job: Job, engine: Engine, settings: ServerSettings, completion_id: str, created: int,
-                  stops: list[str], include_usage: bool):
+                  stops: tuple[str, ...], include_usage: bool):
     """Server-sent events: a first chunk with the role and the safety decision, content deltas,
-    a last chunk with the finish reason (and usage when asked), then ``[DONE]``."""
+    a last chunk with the finish reason (and usage when asked), then ``[DONE]``.
+
+    The joined deltas equal the plain answer exactly: that answer has no leading or trailing
+    whitespace, so leading whitespace is never sent and trailing whitespace is held until more
+    text follows; the engine's final text (stop strings applied) completes the stream."""
     def chunk(delta: dict, finish=None, **extra) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                 "model": settings.model_id,
@@ -387,7 +442,7 @@ async def _stream(job: Job, engine: Engine, settings: ServerSettings, completion
         return f"data: {json.dumps(body)}\n\n"
 
     deadline = time.monotonic() + settings.request_timeout_s
-    full, sent = "", 0  # text received so far, characters already sent
+    full, sent = "", ""  # raw text received so far, text already sent
     hold = max((len(s) for s in stops), default=1) - 1  # held back: it might start a stop string
     stopped = False
     try:
@@ -407,26 +462,28 @@ async def _stream(job: Job, engine: Engine, settings: ServerSettings, completion
                     yield chunk({"content": value.refusal, "refusal": value.refusal})
             elif kind == "delta" and not stopped:
                 full += value
-                text, stopped = _cut(full, stops)
-                limit = len(text) if stopped else len(text) - hold
-                if limit > sent:
-                    yield chunk({"content": text[sent:limit]})
-                    sent = limit
+                text, stopped = cut_at_stop(full.lstrip(), stops)
                 if stopped:
                     job.cancel.set()  # the client has all it asked for: stop generating
+                else:
+                    text = text[:len(text) - hold].rstrip()
+                if len(text) > len(sent):
+                    yield chunk({"content": text[len(sent):]})
+                    sent = text
             elif kind == "done":
                 result = value
-                if not stopped and result.action != "refuse":
-                    text, _ = _cut(full, stops)
-                    if len(text) > sent:
-                        yield chunk({"content": text[sent:]})
+                if result.action != "refuse":
+                    if result.text.startswith(sent):
+                        if len(result.text) > len(sent):
+                            yield chunk({"content": result.text[len(sent):]})
+                    else:  # never expected: incremental and whole decoding disagree
+                        logger.warning("the %d characters streamed are not a prefix of the %d-character answer",
+                                       len(sent), len(result.text))
                 finish = "stop" if stopped else _FINISH.get(result.finish_reason, "stop")
                 yield chunk({}, finish)
                 if include_usage:
-                    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                             "total_tokens": result.prompt_tokens + result.completion_tokens}
                     body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": settings.model_id, "choices": [], "usage": usage}
+                            "model": settings.model_id, "choices": [], "usage": _usage(result)}
                     yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
                 return

@@ -7,6 +7,8 @@ all classify requests in one call, generate requests with the same generation se
 :func:`~safevlm.guarded.generate_guarded` call. A streaming request runs alone. If a batched
 call fails, its requests are retried one by one, so one bad input cannot fail the others.
 Every job's future is resolved exactly once — with a result or an error — even at shutdown.
+Stop strings are applied here too (:meth:`Engine._apply_stops`), so a streamed and a plain
+answer end, and count their tokens, the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from safevlm.serve.metrics import Metrics
@@ -60,6 +62,7 @@ class Job:
     prompt: Any
     overrides: Any = None
     generation: dict = field(default_factory=dict)
+    stops: tuple[str, ...] = ()  # generate: the answer ends before the first of these strings
     events: AsyncChannel | None = None  # streaming: ("decision", d), ("delta", text), ("done", r), ("error", e)
     cancel: threading.Event = field(default_factory=threading.Event)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -93,13 +96,14 @@ class Engine:
     @classmethod
     def from_settings(cls, settings, metrics: Metrics | None = None) -> Engine:
         """Load the model, processor and policy named by :class:`ServerSettings`."""
-        from safevlm.guarded import load_model_and_processor
+        from safevlm.loading import load_model_and_processor
         from safevlm.policy import load_policy
 
         if not settings.model:
             raise ValueError("no model: pass --model DIR (or set SAFEVLM_MODEL)")
         policy = load_policy(settings.policy)
-        model, processor = load_model_and_processor(settings.model, settings.adapter, settings.device, settings.dtype)
+        model, processor = load_model_and_processor(settings.model, settings.adapter, device=settings.device,
+                                                    dtype=settings.dtype, allow_base_mismatch=settings.allow_base_mismatch)
         return cls(model, processor, policy, settings.max_batch_size, settings.batch_wait_ms, settings.max_queue, metrics)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ class Engine:
             except queue.Empty:
                 break
             self._fail(job, error)
-        self.metrics.set("safevlm_queue_depth", self._queue.qsize())
+        self.metrics.queue_depth.set(self._queue.qsize())
 
     @property
     def queue_depth(self) -> int:
@@ -138,7 +142,7 @@ class Engine:
             self._queue.put_nowait(job)
         except queue.Full:
             raise Overloaded(f"{self._queue.maxsize} requests are already waiting; retry later") from None
-        self.metrics.set("safevlm_queue_depth", self._queue.qsize())
+        self.metrics.queue_depth.set(self._queue.qsize())
         return job.future
 
     async def run(self, job: Job, timeout: float):
@@ -169,7 +173,7 @@ class Engine:
                         jobs.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
                     except queue.Empty:
                         break
-                self.metrics.set("safevlm_queue_depth", self._queue.qsize())
+                self.metrics.queue_depth.set(self._queue.qsize())
                 groups: dict[tuple, list[Job]] = {}
                 for job in jobs:
                     groups.setdefault(job.batch_key(), []).append(job)
@@ -187,7 +191,7 @@ class Engine:
             live.append(job)
         if not live:
             return
-        self.metrics.observe("safevlm_batch_size", len(live))
+        self.metrics.batch_size.observe(len(live))
         try:
             results = self._call(live)
         except Exception as err:  # noqa: BLE001 - every error goes back to its request
@@ -218,7 +222,7 @@ class Engine:
         if jobs[0].kind == "classify":
             decisions = classify(self.model, self.processor, images, prompts, self.policy, overrides)
             for d in decisions:
-                self._count_decision(d)
+                self.metrics.count_decision(d)
             return decisions
         generation = dict(jobs[0].generation)
         job = jobs[0]
@@ -229,17 +233,29 @@ class Engine:
             on_decisions = None
         results = generate_guarded(self.model, self.processor, images, prompts, self.policy, overrides,
                                    on_decisions=on_decisions, **generation)
+        results = [self._apply_stops(j, r) for j, r in zip(jobs, results)]
         for r in results:
-            self._count_decision(r.decision)
-            self.metrics.inc("safevlm_prompt_tokens_total", r.prompt_tokens)
-            self.metrics.inc("safevlm_completion_tokens_total", r.completion_tokens)
+            self.metrics.count_decision(r)
+            self.metrics.prompt_tokens.inc(r.prompt_tokens)
+            self.metrics.completion_tokens.inc(r.completion_tokens)
         return results
 
-    def _count_decision(self, decision) -> None:
-        self.metrics.inc("safevlm_safety_actions_total", action=decision.action,
-                         risk_type=decision.decided_by or decision.risk_type)
-        if decision.error:
-            self.metrics.inc("safevlm_safety_head_errors_total")
+    def _apply_stops(self, job: Job, result):
+        """The answer cut before the job's first stop string, with ``completion_tokens`` counting
+        what is returned (the cut text re-tokenised) and ``finish_reason`` "stop". Refusals are
+        the policy's text, never cut. Runs on the worker thread, which owns the tokenizer."""
+        if not job.stops or result.action == "refuse":
+            return result
+        text, stopped = cut_at_stop(result.text, job.stops)
+        if not stopped:
+            return result
+        return replace(result, text=text, completion_tokens=self.count_tokens(text), finish_reason="stop")
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` without special tokens (0 for ""). Call it on the worker thread."""
+        if not text:
+            return 0
+        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @staticmethod
     def _succeed(job: Job, result) -> None:
@@ -259,9 +275,15 @@ class Engine:
             job.events.put(("error", error))
 
 
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """(``text`` up to the earliest occurrence of any stop string, whether one occurred)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 def _stream_kwargs(job: Job, tokenizer) -> dict:
     """A streamer that pushes text deltas to the job's events, and a stopping criterion that
-    ends generation when the client goes away."""
+    ends generation when the job is cancelled (the client went away, or a stop string came)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
@@ -282,4 +304,4 @@ def _stream_kwargs(job: Job, tokenizer) -> dict:
     }
 
 
-__all__ = ["AsyncChannel", "Engine", "Job", "Overloaded", "ShuttingDown"]
+__all__ = ["AsyncChannel", "Engine", "Job", "Overloaded", "ShuttingDown", "cut_at_stop"]

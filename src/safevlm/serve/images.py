@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 
 from safevlm.serve.protocol import APIError
 
@@ -54,31 +52,28 @@ def parse_data_url(url: str, max_image_bytes: int) -> bytes:
 
 
 def open_image(raw: bytes, max_image_pixels: int):
-    """An RGB PIL image from encoded bytes; the pixel count is checked from the header first."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image from encoded bytes, through :func:`safevlm.data.images.decode_image` (the
+    same pixels as training and the CLI); the pixel count is checked from the header first.
 
+    APIError 413 ``image_too_large`` over ``max_image_pixels`` (never above the data loaders'
+    ``MAX_IMAGE_PIXELS``; also for headers Pillow itself refuses as decompression bombs), 400
+    ``invalid_image`` for anything else that is wrong.
+    """
+    from safevlm.data.images import MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, decode_image
+
+    max_image_pixels = min(max_image_pixels, MAX_IMAGE_PIXELS)
     try:
-        image = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, OSError):
-        raise _bad("invalid_image", "the data is not an image (supported: " + ", ".join(ALLOWED_FORMATS) + ")") from None
-    if image.format not in ALLOWED_FORMATS:
-        raise _bad("invalid_image", f"unsupported image format {image.format}; supported: {', '.join(ALLOWED_FORMATS)}")
-    width, height = image.size
-    if width * height > max_image_pixels:
-        raise _bad(
-            "image_too_large",
-            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_image_pixels}",
-            status=413,
-        )
-    if width < 1 or height < 1:
-        raise _bad("invalid_image", f"the image is {width}x{height}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.seek(0)
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise _bad("invalid_image", f"the image could not be decoded ({type(err).__name__}: {err})") from None
+        return decode_image(raw, max_pixels=max_image_pixels, formats=ALLOWED_FORMATS)
+    except ImageTooLarge as err:
+        size = f"{err.size[0]}x{err.size[1]} = " if err.size else ""
+        found = f"is {size}{err.pixels} pixels" if err.pixels else "has more pixels than the decoder accepts"
+        raise _bad("image_too_large", f"the image {found}; the limit is {min(err.limit, max_image_pixels)}",
+                   status=413) from None
+    except ImageError as err:
+        message = str(err).removesuffix(f": {len(raw)} bytes of image data")
+        if "is not an image" in message:
+            message = "the data is not an image (supported: " + ", ".join(ALLOWED_FORMATS) + ")"
+        raise _bad("invalid_image", message) from None
 
 
 def decode_image_url(url: str, settings) -> tuple[str, bytes | None]:

@@ -32,7 +32,11 @@ class ServerSettings(BaseSettings):
     )
     device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda if available).")
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype (auto: float32 on CPU, bfloat16 on GPU)."
+        "auto", description="Weights dtype (auto: float32 on CPU, bfloat16 on GPUs that support it, else float16)."
+    )
+    allow_base_mismatch: bool = Field(
+        False, description="Load an adapter trained on a base with other weights (its fingerprint differs), "
+        "with a warning; by default that is an error."
     )
 
     # -- network and access ----------------------------------------------------------------------

@@ -4,7 +4,8 @@
 * :func:`run_stage` — one stage end to end, returning a :class:`StageResult`;
 * :func:`safevlm.train.metrics.head_metrics` — per-head accuracy and macro-F1;
 * :mod:`safevlm.train.cache` — the vision-feature cache;
-* :mod:`safevlm.train.checkpoint` — atomic checkpoints and resume;
+* :mod:`safevlm.train.checkpoint` — sealed checkpoints and resume;
+* :mod:`safevlm.train.trainable` — which parameters train, decided in one place;
 * :func:`merge_lora` — fold a stage-2 LoRA into a base folder for deployment.
 
 See ``docs/training.md``.

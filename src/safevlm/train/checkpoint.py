@@ -1,15 +1,18 @@
-"""Kill-safe checkpoints: staged, fsynced, renamed into place; state in safetensors + JSON.
+"""Kill-safe checkpoints: a size manifest written last, checked before a resume.
 
-A checkpoint is written into ``<output_dir>/.staging-checkpoint-<step>``; when every file is
-there (and every rank has written its own), a ``checkpoint.json`` manifest listing each file
-and its size is written last, everything is fsynced, and the folder is renamed to
-``checkpoint-<step>`` in one atomic step. A kill at any moment therefore leaves either no
-``checkpoint-<step>`` or a complete one; :func:`find_resume_checkpoint` also re-checks the
-manifest (a folder whose files are missing or have another size, e.g. half deleted by hand,
-is skipped) and picks the newest complete checkpoint.
+The Trainer writes ``checkpoint-<step>/`` with its standard files: the adapter (our
+``save_model``: ``safety_config.json``, ``safety_model.safetensors``, ``lora/``), the optimizer,
+scheduler and RNG states (``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``) and
+``trainer_state.json``. When every rank has written its files, :func:`seal_checkpoint` fsyncs
+them and writes ``checkpoint.json`` listing each file and its size, last and atomically
+(temp file + rename). A folder without that manifest, or whose files are missing or have
+another size, is not a checkpoint: a kill at any moment leaves either a sealed checkpoint or
+one that :func:`find_resume_checkpoint` skips (naming why).
 
-Optimizer, scheduler, scaler and RNG states are stored without pickle: tensors in
-safetensors, everything else in JSON (DeepSpeed and FSDP keep their own formats).
+The state files are torch pickles. Before a resume, :func:`check_weights_only` unpickles each
+with ``torch.load(weights_only=True)`` (tensors, numbers, strings and containers, plus the NumPy
+arrays of the RNG state): a file holding any other object is refused, so resuming never runs
+code from a checkpoint. The adapter itself stays safetensors + JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -31,10 +34,8 @@ CHECKPOINT_PREFIX = "checkpoint"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 MANIFEST_NAME = "checkpoint.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-SCHEDULER_FILE = "scheduler.json"
-SCALER_FILE = "scaler.json"
-RNG_FILE = "rng_state.safetensors"
+TORCH_STATE_SUFFIXES = (".pt", ".pth", ".bin")  # the Trainer's optimizer / scheduler / scaler / RNG files
+LEGACY_STATE_FILES = ("optimizer.safetensors", "rng_state.safetensors")  # safevlm < this layout
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
@@ -96,11 +97,16 @@ def write_manifest(directory: str | os.PathLike, step: int) -> dict:
     return manifest
 
 
-def commit_checkpoint(staging: str | os.PathLike, final: str | os.PathLike, step: int) -> Path:
-    """Write the manifest, fsync, and rename ``staging`` to ``final``."""
-    write_manifest(staging, step)
-    replace_dir(staging, final)
-    return Path(final)
+def seal_checkpoint(directory: str | os.PathLike, step: int) -> dict:
+    """Make a fully written checkpoint folder durable and complete: fsync every file, then write
+    the manifest (the commit point) and fsync it and the folder."""
+    directory = Path(directory)
+    fsync_tree(directory)
+    manifest = write_manifest(directory, step)
+    fsync_path(directory / MANIFEST_NAME)
+    fsync_path(directory)
+    fsync_path(directory.parent)
+    return manifest
 
 
 def checkpoint_problem(directory: str | os.PathLike) -> str | None:
@@ -148,6 +154,64 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
+    """Keep the newest ``keep`` complete checkpoints; delete every checkpoint folder older than
+    the oldest one kept (complete or not). Returns what was deleted."""
+    if keep is None:
+        return []
+    deleted, kept = [], 0
+    for _, path in list_checkpoints(output_dir):
+        if kept >= keep:
+            delete_dir(path)
+            deleted.append(path)
+        elif checkpoint_problem(path) is None:
+            kept += 1
+    return deleted
+
+
+def legacy_state_problem(directory: str | os.PathLike) -> str | None:
+    """Why ``directory``'s optimizer / RNG state cannot be restored, when it was written by an
+    earlier safevlm (safetensors state files that the Trainer does not read); None otherwise."""
+    directory = Path(directory)
+    legacy = [n for n in LEGACY_STATE_FILES if (directory / n).is_file()]
+    if legacy and not (directory / "optimizer.pt").is_file():
+        return (
+            f"its training state ({', '.join(legacy)}) was written by an earlier safevlm and is no longer "
+            "read; start a new run from its adapter instead (model.adapter: <this folder>)"
+        )
+    return None
+
+
+def _numpy_state_globals() -> list:
+    """What a NumPy RNG state needs beyond torch's weights-only allowlist (the Trainer's own list)."""
+    core = np._core if hasattr(np, "_core") else np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def check_weights_only(directory: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose torch state files hold anything but plain data.
+
+    Every ``*.pt`` / ``*.pth`` / ``*.bin`` file directly in ``directory`` is unpickled with
+    ``torch.load(weights_only=True)`` (memory-mapped: tensors are not read). ``ValueError``
+    names the first file that holds another object or cannot be read.
+    """
+    directory = Path(directory)
+    for path in sorted(directory.iterdir()):
+        if not (path.is_file() and path.suffix in TORCH_STATE_SUFFIXES):
+            continue
+        try:
+            with torch.serialization.safe_globals(_numpy_state_globals()):
+                torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"{path}: holds a pickled object that is not plain tensors or containers ({reason}); "
+                "refusing to resume from it (a checkpoint never needs one)"
+            ) from err
+        except (RuntimeError, OSError, EOFError) as err:
+            raise ValueError(f"{path}: not a readable torch state file ({err})") from err
+
+
 def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
     """Delete staging / trash folders that a killed run left behind; returns what was removed."""
     removed = []
@@ -160,150 +224,20 @@ def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-# ------------------------------------------------------------------------------ JSON helpers
-def write_json(path: str | os.PathLike, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
-
-
-def _jsonable(value, what: str):
-    if torch.is_tensor(value):
-        return {"__tensor__": value.tolist(), "dtype": str(value.dtype).replace("torch.", "")}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, what) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, what) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store {type(value).__name__} in the {what} state as JSON")
-
-
-def _from_jsonable(value):
-    if isinstance(value, dict):
-        if "__tensor__" in value:
-            return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
-        return {k: _from_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_jsonable(v) for v in value]
-    return value
-
-
-# ------------------------------------------------------------------------------ optimizer
-def save_optimizer_state(optimizer, path: str | os.PathLike) -> None:
-    """``optimizer.state_dict()`` as safetensors: per-parameter tensors + JSON param groups."""
-    from safetensors.torch import save_file
-
-    state_dict = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for param_id, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{param_id}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{param_id}.{key}"] = _jsonable(value, "optimizer")
-    metadata = {
-        "format": "safevlm-optimizer/1",
-        "param_groups": json.dumps(_jsonable(state_dict["param_groups"], "optimizer")),
-        "scalars": json.dumps(scalars),
-    }
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_optimizer_state(optimizer, path: str | os.PathLike, device=None) -> None:
-    from safetensors import safe_open
-
-    state: dict[int, dict] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != "safevlm-optimizer/1":
-            raise ValueError(f"{path} is not a safevlm optimizer state")
-        for key in f.keys():
-            _, param_id, name = key.split(".", 2)
-            tensor = f.get_tensor(key)
-            state.setdefault(int(param_id), {})[name] = tensor.to(device) if device is not None else tensor
-    for key, value in json.loads(metadata["scalars"]).items():
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = _from_jsonable(value)
-    groups = _from_jsonable(json.loads(metadata["param_groups"]))
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ------------------------------------------------------------------------------ RNG
-def rng_file_name(process_index: int, world_size: int) -> str:
-    return RNG_FILE if world_size <= 1 else f"rng_state_{process_index}.safetensors"
-
-
-def save_rng_state(path: str | os.PathLike) -> None:
-    """Python, NumPy, torch CPU (and CUDA) generator states: tensors in safetensors, the rest JSON."""
-    from safetensors.torch import save_file
-
-    version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    tensors = {"cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    metadata = {
-        "format": "safevlm-rng/1",
-        "python": json.dumps([version, list(internal), gauss]),
-        "numpy": json.dumps([np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_cached)]),
-    }
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_rng_state(path: str | os.PathLike) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if metadata.get("format") != "safevlm-rng/1":
-        raise ValueError(f"{path} is not a safevlm RNG state")
-    version, internal, gauss = json.loads(metadata["python"])
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = json.loads(metadata["numpy"])
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.random.set_rng_state(tensors["cpu"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)])
-
-
-# ------------------------------------------------------------------------------ scheduler / scaler
-def save_state_json(obj, path: str | os.PathLike, what: str) -> None:
-    write_json(path, _jsonable(obj.state_dict(), what))
-
-
-def load_state_json(obj, path: str | os.PathLike) -> None:
-    obj.load_state_dict(_from_jsonable(read_json(path)))
-
-
 __all__ = [
     "CHECKPOINT_PREFIX",
     "MANIFEST_NAME",
     "STAGING_PREFIX",
+    "check_weights_only",
     "checkpoint_problem",
-    "commit_checkpoint",
     "delete_dir",
     "find_resume_checkpoint",
     "fsync_tree",
+    "legacy_state_problem",
     "list_checkpoints",
-    "load_optimizer_state",
-    "load_rng_state",
-    "load_state_json",
     "remove_stale_staging",
     "replace_dir",
-    "save_optimizer_state",
-    "save_rng_state",
-    "save_state_json",
+    "rotate_checkpoints",
+    "seal_checkpoint",
     "write_manifest",
 ]

@@ -5,7 +5,7 @@ A recipe has a few top-level keys and one section per concern::
     stage: 1                     # 1: safety modules on a frozen base; 2: + LoRA on the LLM
     output_dir: runs/stage1
     seed: 42
-    model:  {base, adapter, processor, torch_dtype, safety_modules, safety: {SafetyConfig fields}}
+    model:  {base, adapter, processor, torch_dtype, allow_base_mismatch, safety_modules, safety: {...}}
     lora:   {r, alpha, dropout, target_modules}          # stage 2 only
     loss:   {cls_weight, lm_weight}
     data:   {train, val, format, image_root, max_length, balance_types, clean_ratio, synthetic}
@@ -55,7 +55,16 @@ class ModelSection:
         "Start from this safety adapter folder (stage 2: the stage-1 output, e.g. runs/stage1/adapter).",
         default=None,
     )
-    torch_dtype: str = _help(f"dtype the base is loaded in: {', '.join(TORCH_DTYPES)}.", default="auto")
+    torch_dtype: str = _help(
+        f"dtype the base is loaded in: {', '.join(TORCH_DTYPES)} (auto: float32 on CPU, bfloat16 on GPUs "
+        "that support it, else float16).",
+        default="auto",
+    )
+    allow_base_mismatch: bool = _help(
+        "Start from an adapter trained on a base with other weights (its fingerprint differs), with a "
+        "warning; by default that is an error.",
+        default=False,
+    )
     safety_modules: str = _help(
         "Safety projector, head and prefix tokens: 'train' or 'frozen' (stage 1 must train them).",
         default="train",
@@ -71,13 +80,13 @@ class ModelSection:
         if self.safety:
             from safevlm.config import SafetyConfig
 
+            for key in ("cls_loss_weight", "lm_loss_weight"):
+                if key in self.safety:
+                    raise ConfigError(f"model.safety.{key}: set loss weights in the 'loss' section")
             names = {f.name for f in dataclasses.fields(SafetyConfig)}
             unknown = sorted(set(self.safety) - names)
             if unknown:
                 raise ConfigError(f"model.safety: unknown SafetyConfig field(s) {unknown}; allowed: {sorted(names)}")
-            for key in ("cls_loss_weight", "lm_loss_weight"):
-                if key in self.safety:
-                    raise ConfigError(f"model.safety.{key}: set loss weights in the 'loss' section")
 
 
 @dataclass

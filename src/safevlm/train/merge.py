@@ -28,8 +28,9 @@ def merge_lora(
     base: str | os.PathLike,
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    torch_dtype: str | None = None,
+    dtype: str | None = "stored",
     overwrite: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> Path:
     """Merge ``adapter_dir/lora`` into ``base`` and write ``out_dir``; returns ``out_dir``.
 
@@ -37,53 +38,62 @@ def merge_lora(
         base: the base model folder the adapter was trained on (or ``tiny:<preset>[@seed]``).
         adapter_dir: a stage-2 adapter folder (with ``lora/``).
         out_dir: the folder to write (refused if it exists, unless ``overwrite``).
-        torch_dtype: dtype to load and save the base in (``float16``, ``bfloat16``, ``float32``;
-            default: as stored).
-    """
-    import torch
-    from peft import PeftModel
+        dtype: dtype to load, merge and save the base in: ``"stored"`` (default: as the base
+            folder stores its weights; float32 for ``tiny:``), ``"float32"``, ``"bfloat16"``,
+            ``"float16"``. The merge runs on the CPU.
+        allow_base_mismatch: merge an adapter trained on a base with other weights (a warning
+            instead of :class:`~safevlm.loading.BaseMismatchError`).
 
-    from safevlm.config import CONFIG_NAME, SafetyConfig
-    from safevlm.model import LORA_DIR, WEIGHTS_NAME, check_base_signature, load_base_model
+    The base is checked against the adapter (shapes, then weights) before the LoRA is loaded,
+    and ``safety_adapter/safety_config.json`` records the merged folder's own fingerprint.
+    """
+    from safevlm.compat import quiet_loading
+    from safevlm.config import SafetyConfig
+    from safevlm.loading import (
+        base_fingerprint,
+        check_adapter_base,
+        folder_fingerprint,
+        load_base,
+        load_lora,
+        precheck_adapter,
+        resolve_dtype,
+        stored_dtype,
+    )
+    from safevlm.model import LORA_DIR, WEIGHTS_NAME
+    from safevlm.paths import check_disjoint
     from safevlm.train.checkpoint import replace_dir
-    from safevlm.train.stage import parse_tiny_spec
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    # replacing out_dir must never delete what is read (--out inside --base, ...)
+    check_disjoint(out_dir, {"--base": base if os.path.isdir(str(base)) else None, "--adapter": adapter_dir})
     lora = adapter_dir / LORA_DIR
     if not lora.is_dir():
         raise FileNotFoundError(f"no {LORA_DIR}/ in {adapter_dir}: only stage-2 adapters have a LoRA to merge")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
     safety_config = SafetyConfig.load(adapter_dir)
-    dtype = None if torch_dtype in (None, "auto") else getattr(torch, torch_dtype)
+    target = stored_dtype(base) if dtype in (None, "stored") else resolve_dtype(dtype, "cpu")
 
-    tiny = parse_tiny_spec(str(base))
-    if tiny is not None:
-        from safevlm.tiny import build_tiny
-
-        model, processor = build_tiny(*tiny)
-        if dtype is not None:
-            model = model.to(dtype)
-    else:
-        from transformers import AutoProcessor
-
-        model = load_base_model(base, torch_dtype=dtype)
-        processor = AutoProcessor.from_pretrained(str(base))
-    check_base_signature(safety_config, model.config, source=f"adapter {adapter_dir}")
+    precheck_adapter(base, adapter_dir, allow_base_mismatch)  # a wrong base folder fails before its weights load
+    model, processor = load_base(base, dtype=target, device="cpu")
+    check_adapter_base(safety_config, model.config, base_fingerprint(model), adapter_dir, allow_base_mismatch)
     with warnings.catch_warnings():
         # peft notes that merged LoRA unties input/output embeddings; LLaVA's are untied already
         warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
-        merged = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
+        merged = load_lora(model, lora).merge_and_unload()
 
     staging = out_dir.with_name(f".staging-{out_dir.name}")
     if staging.exists():
         shutil.rmtree(staging)
-    merged.save_pretrained(staging, safe_serialization=True)
+    with quiet_loading():
+        merged.save_pretrained(staging, safe_serialization=True)
     processor.save_pretrained(staging)
     safety = staging / SAFETY_ADAPTER_DIR
     safety.mkdir()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copy2(adapter_dir / name, safety / name)
+    shutil.copy2(adapter_dir / WEIGHTS_NAME, safety / WEIGHTS_NAME)
+    # the safety modules now belong to the merged folder (its own dtype on disk)
+    safety_config.base_fingerprint = folder_fingerprint(staging)
+    safety_config.save(safety)
     info = {"base": str(base), "adapter": str(adapter_dir), "lora_config": json.loads((lora / "adapter_config.json").read_text())}
     (staging / MERGE_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
     replace_dir(staging, out_dir)

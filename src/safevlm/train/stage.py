@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safevlm.loading import parse_tiny_spec  # noqa: F401 - re-exported (tiny:<preset> specs)
 from safevlm.train.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-_TINY_RE = re.compile(r"^tiny:(?P<preset>[A-Za-z0-9_]+)(?:@(?P<seed>\d+))?$")
 CONFIG_COPY_NAME = "train_config.yaml"
 
 
@@ -62,62 +62,38 @@ class StageResult:
 
 
 # ------------------------------------------------------------------------------------ model
-def parse_tiny_spec(spec: str) -> tuple[str, int] | None:
-    """``"tiny:default@3"`` -> ``("default", 3)``; None for anything else."""
-    match = _TINY_RE.match(spec or "")
-    if not match:
-        return None
-    return match.group("preset"), int(match.group("seed") or 0)
-
-
 def load_base(config: TrainConfig):
-    """(base model, processor) named by ``config.model.base`` / ``config.model.processor``."""
+    """(base model, processor) named by ``config.model.base`` / ``config.model.processor``, through
+    :func:`safevlm.loading.load_base`: kept on the CPU (the Trainer places it), in the dtype that
+    ``model.torch_dtype`` means on the device training runs on."""
+    from safevlm.devices import resolve_device
+    from safevlm.loading import load_base as load, resolve_dtype
+
     spec = config.model.base
     if not spec:
         raise ConfigError("model.base is not set: name a base model folder or tiny:<preset>")
-    tiny = parse_tiny_spec(spec)
-    if tiny is not None:
-        from safevlm.tiny import build_tiny
-
-        base, processor = build_tiny(*tiny)
-    else:
-        from safevlm.model import load_base_model
-
-        dtype = config.model.torch_dtype
-        base = load_base_model(spec, torch_dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-        processor = None
-    if config.model.processor or processor is None:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(config.model.processor or spec)
-    return base, processor
+    dtype = resolve_dtype(config.model.torch_dtype, resolve_device(None))
+    return load(spec, dtype=dtype, device="cpu", processor=config.model.processor)
 
 
 def build_model(config: TrainConfig, base: nn.Module) -> nn.Module:
-    """A SafeVLM around ``base``: fresh safety modules from ``model.safety``, or the adapter's.
+    """A SafeVLM around ``base``: fresh safety modules from ``model.safety``, or the adapter's
+    (checked against the base first: shapes, then weights, see :mod:`safevlm.loading`).
 
     A stage-2 adapter's LoRA is loaded trainable when continuing stage 2.
     """
     from transformers import set_seed
 
-    from safevlm.config import SafetyConfig
-    from safevlm.model import LORA_DIR, SafeVLM
+    from safevlm.loading import load_safety
+    from safevlm.model import LORA_DIR
 
     set_seed(config.seed)  # safety-module initialisation is part of the run's determinism
     adapter = config.model.adapter
     if adapter is None:
-        return SafeVLM(base, **config.model.safety)
-    adapter = Path(adapter)
-    safety_config = SafetyConfig.load(adapter)
-    if (adapter / LORA_DIR).is_dir():
-        if config.stage == 1:
-            raise ConfigError(f"model.adapter {adapter} has a LoRA adapter (stage 2); stage 1 starts before LoRA")
-        from peft import PeftModel
-
-        base = PeftModel.from_pretrained(base, str(adapter / LORA_DIR), is_trainable=True)
-    model = SafeVLM(base, safety_config)
-    model.load_safety_weights(adapter)
-    return model
+        return load_safety(base, trainable=True, **config.model.safety)
+    if config.stage == 1 and (Path(adapter) / LORA_DIR).is_dir():
+        raise ConfigError(f"model.adapter {adapter} has a LoRA adapter (stage 2); stage 1 starts before LoRA")
+    return load_safety(base, adapter, trainable=True, allow_base_mismatch=config.model.allow_base_mismatch)
 
 
 def language_model_prefix(model) -> str:
@@ -153,6 +129,8 @@ def add_lora(model, config: TrainConfig) -> None:
         return
     from peft import LoraConfig, get_peft_model
 
+    from safevlm.compat import quiet_loading
+
     lora = config.lora
     peft_config = LoraConfig(
         r=lora.r,
@@ -161,42 +139,24 @@ def add_lora(model, config: TrainConfig) -> None:
         target_modules=lora_target_regex(model, lora.target_modules),
         bias="none",
     )
-    model.base_model = get_peft_model(model.base_model, peft_config)
+    with quiet_loading():  # peft reads a property 5.x deprecated: a warning we cannot act on
+        model.base_model = get_peft_model(model.base_model, peft_config)
 
 
 def prepare_model(model, config: TrainConfig):
-    """Set loss weights and trainability for the stage (and add LoRA in stage 2)."""
-    model.config.cls_loss_weight = config.loss.cls_weight
-    model.config.lm_loss_weight = config.loss.lm_weight
+    """Add LoRA (stage 2) and set which parameters train in this stage (:mod:`safevlm.train.trainable`)."""
+    from safevlm.train.trainable import set_trainable, stage_parts
+
     if config.stage == 1:
         if hasattr(model.base_model, "peft_config"):
             raise ConfigError("stage 1 got a model with LoRA layers; stage 1 runs on the plain base")
-        model.freeze_base()
-        if config.loss.lm_weight == 0:
-            # With w_lm = 0 the LLM is never run, so the prefix tokens get no gradient at all.
-            model.prefix_tokens.requires_grad_(False)
     else:
         add_lora(model, config)
-        for name, param in model.base_model.named_parameters():
-            param.requires_grad_("lora_" in name)
-        for param in model.safety_parameters():
-            param.requires_grad_(config.model.safety_modules == "train")
         if config.model.gradient_checkpointing:
             model.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for param in model.parameters():
-        if param.numel() == 0:
-            param.requires_grad_(False)  # e.g. zero prefix tokens: DDP must not wait for them
+    # With w_lm = 0 the LLM is never run, so the prefix tokens (read only by the LLM) get no gradient.
+    set_trainable(model, stage_parts(config.stage, config.model.safety_modules, train_prefix=config.loss.lm_weight > 0))
     return model
-
-
-def trainable_parameter_counts(model) -> dict[str, int]:
-    safety = {id(p) for p in model.safety_parameters()}
-    counts = {"safety": 0, "lora": 0, "other": 0}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            key = "safety" if id(p) in safety else ("lora" if "lora_" in name else "other")
-            counts[key] += p.numel()
-    return counts
 
 
 # ------------------------------------------------------------------------------------ data
@@ -255,8 +215,9 @@ def ensure_synthetic_dataset(root: Path, syn) -> None:
 
 
 # ------------------------------------------------------------------------------------ trainer
-def training_arguments(config: TrainConfig, has_val: bool):
-    from transformers import TrainingArguments
+def training_arguments(config: TrainConfig, has_val: bool, quiet: bool = False):
+    """The Trainer's arguments for ``config`` (``quiet``: no progress bar)."""
+    from safevlm.compat import training_arguments as make_training_arguments
 
     o, log = config.optim, config.log
 
@@ -273,7 +234,7 @@ def training_arguments(config: TrainConfig, has_val: bool):
         kwargs["eval_steps"] = eval_steps
     if save_steps is not None:
         kwargs["save_steps"] = save_steps
-    return TrainingArguments(
+    return make_training_arguments(
         output_dir=str(config.output_dir),
         seed=config.seed,
         data_seed=config.seed,
@@ -298,7 +259,7 @@ def training_arguments(config: TrainConfig, has_val: bool):
         save_safetensors=True,
         load_best_model_at_end=False,
         report_to=[],
-        disable_tqdm=not log.progress_bar,
+        disable_tqdm=quiet or not log.progress_bar,
         dataloader_num_workers=o.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
@@ -309,7 +270,7 @@ def training_arguments(config: TrainConfig, has_val: bool):
     )
 
 
-def prepare_feature_cache(model, processor, records, image_root, config: TrainConfig, device, state):
+def prepare_feature_cache(model, processor, records, image_root, config: TrainConfig, device, state, quiet=False):
     """Fill the feature cache for ``records`` (each rank a share) and return (cache, keys, computed)."""
     from safevlm.train.cache import FeatureCache, ImageHasher, image_encoder, record_image_keys
 
@@ -332,7 +293,7 @@ def prepare_feature_cache(model, processor, records, image_root, config: TrainCo
     computed = cache.fill(
         encode, items, batch_size=config.cache.batch_size, shard_size=config.cache.shard_size,
         rank=state.process_index, world_size=state.num_processes,
-        progress=config.log.progress_bar and state.is_main_process,
+        progress=config.log.progress_bar and not quiet and state.is_main_process,
     )
     state.wait_for_everyone()
     cache.refresh()
@@ -360,6 +321,7 @@ def run_stage(
     val_records: list | None = None,
     resume: bool | str = False,
     callbacks: list | None = None,
+    quiet: bool = False,
 ) -> StageResult:
     """Run one training stage and write its adapter to ``<output_dir>/adapter``.
 
@@ -373,6 +335,8 @@ def run_stage(
         resume: True continues from the newest complete checkpoint in ``output_dir`` (a fresh
             start if there is none); a path continues from that checkpoint.
         callbacks: extra ``transformers.TrainerCallback`` objects.
+        quiet: print nothing while training: no progress bars (whatever ``log.progress_bar``
+            says) and no log lines; ``metrics.jsonl`` is written all the same.
 
     Returns:
         a :class:`StageResult`.
@@ -382,6 +346,7 @@ def run_stage(
     from safevlm.data import SafetyCollator
     from safevlm.train import checkpoint as ckpt
     from safevlm.train.cache import CachedFeatureCollator
+    from safevlm.train.trainable import trainable_counts
     from safevlm.train.trainer import (
         METRICS_NAME,
         PLOT_NAME,
@@ -400,6 +365,16 @@ def run_stage(
             f"{out} holds checkpoints of an earlier run ({earlier[0][1].name}, ...): pass --resume to continue it, "
             "set overwrite: true to start afresh (deletes them), or choose another output_dir"
         )
+    resumed_from = None
+    if resume:
+        resumed_from = Path(resume) if isinstance(resume, (str, Path)) else ckpt.find_resume_checkpoint(out)
+        if resumed_from is None:
+            logger.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
+        else:
+            problem = ckpt.checkpoint_problem(resumed_from) or ckpt.legacy_state_problem(resumed_from)
+            if problem:
+                raise ValueError(f"cannot resume from {resumed_from}: {problem}")
+            ckpt.check_weights_only(resumed_from)  # before anything is loaded from it
 
     # -- model --------------------------------------------------------------------------------
     if model is None:
@@ -412,7 +387,7 @@ def run_stage(
 
     # -- data ---------------------------------------------------------------------------------
     has_val_input = val_records is not None
-    args = training_arguments(config, has_val=True)  # initialises the distributed state
+    args = training_arguments(config, has_val=True, quiet=quiet)  # initialises the distributed state
     state = PartialState()
     if train_records is None:
         train_records, loaded_val, image_root = load_stage_data(
@@ -423,7 +398,7 @@ def run_stage(
         image_root = config.data.image_root
     val_records = list(val_records or [])
     if not val_records and args.eval_strategy != "no":
-        args = training_arguments(config, has_val=False)
+        args = training_arguments(config, has_val=False, quiet=quiet)
     collator = SafetyCollator(
         processor, max_length=config.data.max_length, num_prefix_tokens=model.config.num_prefix_tokens,
         image_root=image_root,
@@ -433,7 +408,7 @@ def run_stage(
     cache_info = None
     if config.cache.enabled:
         cache, keys, computed = prepare_feature_cache(
-            model, processor, list(train_records) + val_records, image_root, config, args.device, state
+            model, processor, list(train_records) + val_records, image_root, config, args.device, state, quiet
         )
         # Without the LLM (stage 1, w_lm = 0) one masked placeholder per image is enough.
         placeholders = model.config.num_image_features if config.loss.lm_weight > 0 else 1
@@ -469,18 +444,17 @@ def run_stage(
         data_collator=collator,
         compute_metrics=compute_head_metrics if val_records else None,
         callbacks=[MetricsLogger(out, plot=False), *(callbacks or [])],
+        cls_weight=config.loss.cls_weight,
+        lm_weight=config.loss.lm_weight,
         sampler_options=sampler_options,
     )
-    counts = trainable_parameter_counts(model)
-    logger.info("stage %d: trainable parameters %s", config.stage, counts)
+    if quiet:
+        from transformers import PrinterCallback, ProgressCallback
 
-    resumed_from = None
-    if resume:
-        resumed_from = Path(resume) if isinstance(resume, (str, Path)) else ckpt.find_resume_checkpoint(out)
-        if resumed_from is not None and ckpt.checkpoint_problem(resumed_from):
-            raise ValueError(f"cannot resume from {resumed_from}: {ckpt.checkpoint_problem(resumed_from)}")
-        if resumed_from is None:
-            logger.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
+        trainer.remove_callback(PrinterCallback)  # prints every log dict when there is no bar
+        trainer.remove_callback(ProgressCallback)
+    logger.info("stage %d: trainable parameters %s", config.stage, trainable_counts(model))
+
     train_output = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
 
     metrics = final_eval_metrics(trainer) if val_records else {}

@@ -1,13 +1,22 @@
 """A thin Hugging Face ``Trainer`` for :class:`~safevlm.model.SafeVLM`.
 
-The Trainer runs the loop, and with it DDP / FSDP / DeepSpeed from ``accelerate launch``.
-This subclass only changes what is specific to safety adapters:
+The Trainer runs the loop, and with it DDP / FSDP / DeepSpeed from ``accelerate launch``, and
+writes and restores its own resume state (optimizer, scheduler, RNG: its standard files).
+This subclass overrides the public hooks ``compute_loss``, ``prediction_step`` and ``log``,
+and three private methods whose signatures both supported transformers lines share:
+``_save`` (how a model is written, the override point ``save_model`` documents),
+``_get_train_sampler`` (the balanced sampler) and ``_load_from_checkpoint`` (a checkpoint
+holds an adapter, not ``model.safetensors``). The rest is callbacks:
 
-* **saving**: the model is an ``nn.Module`` holding a frozen base, so a "model save" writes
-  the safety adapter (``safety_config.json`` + ``safety_model.safetensors``, and ``lora/`` in
-  peft's format after stage 2) — never the base weights, never a pickle;
-* **checkpoints** are staged, fsynced and renamed into place (``safevlm.train.checkpoint``),
-  with optimizer / scheduler / RNG states in safetensors + JSON; resuming loads them back;
+* **loss**: ``SafeVLM.forward`` returns the loss components; :meth:`SafetyTrainer.compute_loss`
+  weights them with the recipe's ``w_cls`` / ``w_lm`` (training settings, never saved in the
+  adapter) and skips the LLM when ``w_lm = 0``;
+* **saving**: a "model save" writes the safety adapter (``safety_config.json`` +
+  ``safety_model.safetensors``, and ``lora/`` in peft's format after stage 2) with
+  :meth:`SafeVLM.save_pretrained` — never the base weights, never a pickle;
+* **checkpoints** (:class:`CheckpointSealer`): each is sealed with a size manifest once every
+  rank has written it, older ones are rotated out only after that, and a resume first refuses
+  state files that hold anything but plain data (``safevlm.train.checkpoint``);
 * **sampling**: :class:`~safevlm.train.sampler.BalancedRiskSampler` (risk types, clean:risky);
 * **evaluation** returns the head logits and risk labels, so ``compute_metrics`` reports
   per-head accuracy and macro-F1; training logs also carry the loss components.
@@ -15,6 +24,7 @@ This subclass only changes what is specific to safety adapters:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,14 +33,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from safevlm.model import LORA_DIR, WEIGHTS_NAME
+from safevlm.model import LORA_DIR
 from safevlm.train import checkpoint as ckpt
 from safevlm.train.metrics import head_metrics
 from safevlm.train.sampler import BalancedRiskSampler
 
-TRAINER_STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 
@@ -50,34 +58,12 @@ class RecordDataset(Dataset):
 
 # --------------------------------------------------------------------------------- adapters
 def write_adapter(model, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """Write ``model``'s safety adapter (and LoRA) to ``directory``.
+    """Write ``model``'s safety adapter (and LoRA) to ``directory`` with :meth:`SafeVLM.save_pretrained`.
 
     ``state_dict`` (from ``accelerator.get_state_dict`` under FSDP / ZeRO-3, where the module's
     own parameters are shards) supplies the full tensors; keys are relative to the SafeVLM.
     """
-    directory = Path(directory)
-    if state_dict is None:
-        return model.save_pretrained(directory)
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    safety = {
-        k: v.detach().to("cpu").contiguous()
-        for k, v in state_dict.items()
-        if k.split(".", 1)[0] in model.SAFETY_MODULES
-    }
-    expected = set(model.safety_state_dict())
-    if set(safety) != expected:
-        raise ValueError(f"the gathered state dict lacks safety keys {sorted(expected - set(safety))[:5]}")
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(safety, str(tmp), metadata={"format": "pt", "safevlm": "safety_adapter"})
-    os.replace(tmp, directory / WEIGHTS_NAME)
-    model.config.save(directory)
-    if hasattr(model.base_model, "peft_config"):
-        prefix = "base_model."
-        base_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        model.base_model.save_pretrained(str(directory / LORA_DIR), state_dict=base_state)
-    return directory
+    return model.save_pretrained(directory, state_dict=state_dict)
 
 
 def load_adapter_weights(model, directory: str | os.PathLike) -> None:
@@ -201,47 +187,117 @@ def compute_head_metrics(eval_pred) -> dict[str, float]:
     return head_metrics(risk_level, level_logits.argmax(-1), risk_type, type_logits.argmax(-1))
 
 
+# --------------------------------------------------------------------------------- checkpoints
+class CheckpointSealer(TrainerCallback):
+    """Seal each checkpoint the Trainer writes, and rotate old ones only after that.
+
+    * before a save (``on_step_end`` / ``on_epoch_end`` with ``should_save``): a folder left at
+      this step by an earlier, interrupted run is deleted, so no stale file or manifest mixes
+      with the new one;
+    * ``on_save``: when every rank has written its files, the main process fsyncs them and
+      writes the manifest (:func:`~safevlm.train.checkpoint.seal_checkpoint`), then keeps the
+      newest ``keep`` complete checkpoints. (The Trainer's own rotation is off: it would delete
+      an old checkpoint before the new one is sealed.)
+    """
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep
+
+    @staticmethod
+    def _folder(args, state) -> Path:
+        return Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}-{state.global_step}"
+
+    def _clear_stale(self, args, state, control):
+        if not control.should_save:
+            return
+        from accelerate import PartialState
+
+        folder = self._folder(args, state)
+        if args.should_save and folder.exists():
+            ckpt.delete_dir(folder)
+        PartialState().wait_for_everyone()  # no rank writes into the folder before it is gone
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._clear_stale(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._clear_stale(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # every rank's files (e.g. its RNG state) are written
+        if args.should_save:
+            ckpt.seal_checkpoint(self._folder(args, state), state.global_step)
+            ckpt.rotate_checkpoints(args.output_dir, self.keep)
+
+
 # --------------------------------------------------------------------------------- trainer
 class SafetyTrainer(Trainer):
     """``Trainer`` for SafeVLM safety adapters (see the module docstring).
 
     Args (besides the Trainer's):
+        cls_weight: w_cls, the weight of ``level_loss + type_loss``.
+        lm_weight: w_lm, the weight of ``lm_loss``; 0 skips the language model entirely.
         sampler_options: keyword arguments of :class:`BalancedRiskSampler` except the records'
             risk types (``safe_type_id``, ``clean_ratio``, ``balance_types``, ``num_samples``);
             None means plain shuffling.
+
+    ``args.save_total_limit`` is applied by :class:`CheckpointSealer` (after sealing), not by the
+    Trainer.
     """
 
-    def __init__(self, *args, sampler_options: dict | None = None, **kwargs):
+    def __init__(self, *args, cls_weight: float = 1.0, lm_weight: float = 1.0, sampler_options: dict | None = None,
+                 **kwargs):
+        if cls_weight < 0 or lm_weight < 0 or cls_weight + lm_weight == 0:
+            raise ValueError(
+                f"loss weights must be >= 0 and not both 0, got cls_weight={cls_weight}, lm_weight={lm_weight}"
+            )
+        # The sealer goes before the caller's callbacks: their on_save sees a sealed checkpoint.
+        sealer = CheckpointSealer()
+        kwargs["callbacks"] = [sealer, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
-        # SafeVLM.forward takes **unused and ignores num_items_in_batch, so the Trainer must
-        # scale the loss for gradient accumulation itself.
-        self.model_accepts_loss_kwargs = False
+        # The sealer rotates instead of the Trainer (on a copy: the caller's arguments stay as given).
+        sealer.keep = self.args.save_total_limit
+        self.args = copy.copy(self.args)
+        self.args.save_total_limit = None
+        self.cls_weight = cls_weight
+        self.lm_weight = lm_weight
         self.sampler_options = sampler_options
         self._component_sums: dict[str, torch.Tensor] = {}  # loss components since the last log
         self._component_count = 0
 
     # -- sampling --------------------------------------------------------------------------------
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
+    def _get_train_sampler(self, *args, **kwargs):
         if self.sampler_options is None:
-            return super()._get_train_sampler(dataset) if train_dataset is not None else super()._get_train_sampler()
-        risk_types = [r.risk_type for r in dataset.records]
+            return super()._get_train_sampler(*args, **kwargs)
+        risk_types = [r.risk_type for r in self.train_dataset.records]
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return BalancedRiskSampler(risk_types, seed=seed, **self.sampler_options)
 
     # -- loss ------------------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        if outputs.loss is None:
+    def weighted_loss(self, outputs) -> torch.Tensor:
+        """``w_cls * (level_loss + type_loss) + w_lm * lm_loss`` over the components present."""
+        parts = []
+        cls_parts = [x for x in (outputs.level_loss, outputs.type_loss) if x is not None]
+        if cls_parts:
+            parts.append(self.cls_weight * sum(cls_parts))
+        if outputs.lm_loss is not None:
+            parts.append(self.lm_weight * outputs.lm_loss)
+        if not parts:
             raise ValueError("the batch has no risk labels and no LM labels: nothing to train on")
+        return sum(parts)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, compute_lm=self.lm_weight > 0)
+        loss = self.weighted_loss(outputs)
         if model.training:
             for key in ("level_loss", "type_loss", "lm_loss"):
                 value = getattr(outputs, key)
                 if value is not None:
-                    value = value.detach()
-                    self._component_sums[key] = self._component_sums.get(key, 0.0) + value
+                    self._component_sums[key] = self._component_sums.get(key, 0.0) + value.detach()
             self._component_count += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._component_count:
@@ -251,10 +307,10 @@ class SafetyTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with torch.no_grad():
-            outputs = model(**inputs)
-        loss = outputs.loss.detach() if outputs.loss is not None else None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
         if prediction_loss_only:
             return loss, None, None
         logits = (outputs.level_logits.detach().float(), outputs.type_logits.detach().float())
@@ -263,6 +319,9 @@ class SafetyTrainer(Trainer):
 
     # -- saving ----------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None):
+        # The Trainer's model-saving hook: called by save_model (on every rank in some versions).
+        if not self.args.should_save:
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         if state_dict is not None:
@@ -276,110 +335,27 @@ class SafetyTrainer(Trainer):
         """Write the final adapter atomically (staged, then renamed over ``directory``)."""
         directory = Path(directory)
         staging = directory.with_name(f"{ckpt.STAGING_PREFIX}{directory.name}")
-        if self.args.should_save:
-            if staging.exists():
-                shutil.rmtree(staging)
-        self.save_model(str(staging), _internal_call=True)
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.save_model(str(staging))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             ckpt.replace_dir(staging, directory)
         self.accelerator.wait_for_everyone()
         return directory
 
-    def _save_checkpoint(self, model, trial):
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        run_dir = Path(self._get_output_dir(trial=trial))
-        final = run_dir / name
-        staging = run_dir / f"{ckpt.STAGING_PREFIX}{name}"
-        if self.args.should_save:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        self.save_model(str(staging), _internal_call=True)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(staging))
-            self._save_scaler(str(staging))
-            self._save_rng_state(str(staging))
-        if self.args.should_save:
-            from transformers.trainer_callback import ExportableState
-
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-                cb_name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(cb_name), list):
-                    self.state.stateful_callbacks[cb_name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[cb_name] = cb.state()
-            self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()  # every rank's files are in the staging folder
-        if self.args.should_save:
-            ckpt.commit_checkpoint(staging, final, self.state.global_step)
-            self._rotate_checkpoints(use_mtime=False, output_dir=str(run_dir))
-        self.accelerator.wait_for_everyone()
-
-    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
-        limit = self.args.save_total_limit
-        if limit is None or limit <= 0:
-            return
-        for _, path in ckpt.list_checkpoints(output_dir)[limit:]:
-            ckpt.delete_dir(path)
-
-    def _plain_state(self) -> bool:
-        """True when optimizer state is an ordinary torch optimizer on this process."""
-        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        if not self._plain_state():
-            return super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            ckpt.save_optimizer_state(self.optimizer, Path(output_dir) / ckpt.OPTIMIZER_FILE)
-            ckpt.save_state_json(self.lr_scheduler, Path(output_dir) / ckpt.SCHEDULER_FILE, "scheduler")
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is None:
-            return
-        if not self._plain_state():
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        optimizer_file = Path(checkpoint) / ckpt.OPTIMIZER_FILE
-        if optimizer_file.is_file():
-            ckpt.load_optimizer_state(self.optimizer, optimizer_file, device=self.args.device)
-        scheduler_file = Path(checkpoint) / ckpt.SCHEDULER_FILE
-        if scheduler_file.is_file():
-            ckpt.load_state_json(self.lr_scheduler, scheduler_file)
-
-    def _save_scaler(self, output_dir):
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and self.args.should_save:
-            ckpt.save_state_json(scaler, Path(output_dir) / ckpt.SCALER_FILE, "scaler")
-
-    def _load_scaler(self, checkpoint):
-        scaler = getattr(self.accelerator, "scaler", None)
-        if checkpoint is not None and scaler is not None and (Path(checkpoint) / ckpt.SCALER_FILE).is_file():
-            ckpt.load_state_json(scaler, Path(checkpoint) / ckpt.SCALER_FILE)
-
-    def _save_rng_state(self, output_dir):
-        os.makedirs(output_dir, exist_ok=True)
-        name = ckpt.rng_file_name(self.args.process_index, self.args.world_size)
-        ckpt.save_rng_state(Path(output_dir) / name)
-
-    def _load_rng_state(self, checkpoint):
-        if checkpoint is None:
-            return
-        path = Path(checkpoint) / ckpt.rng_file_name(self.args.process_index, self.args.world_size)
-        if path.is_file():
-            ckpt.load_rng_state(path)
-
+    # -- resuming --------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # The Trainer looks for model.safetensors here; a checkpoint holds the adapter instead.
+        # Its optimizer / scheduler / RNG files are loaded by the Trainer, weights-only, and
+        # checked here first so that none can hold another object.
+        ckpt.check_weights_only(resume_from_checkpoint)
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_adapter_weights(model, resume_from_checkpoint)
 
-    def _load_best_model(self):  # load_best_model_at_end is not used
-        raise NotImplementedError("safevlm keeps the last adapter; load_best_model_at_end is not supported")
-
 
 __all__ = [
+    "CheckpointSealer",
     "MetricsLogger",
     "RecordDataset",
     "SafetyTrainer",
