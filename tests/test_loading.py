@@ -18,18 +18,17 @@ from conftest import make_image, make_inputs
 from train_fixtures import SAFETY_TEST_SIZES
 
 from safevlm.errors import UsageError
-from safevlm.loading import (
+from safevlm.bases import (
     BaseMismatchError,
     base_fingerprint,
     folder_fingerprint,
     load_base,
     load_base_model,
-    load_model_and_processor,
-    load_safety,
     parse_tiny_spec,
     resolve_dtype,
     stored_dtype,
 )
+from safevlm.loading import load_model_and_processor
 from safevlm.model import SafeVLM
 
 PROMPTS = ["What is shown in the image?", "Describe it."]
@@ -185,7 +184,7 @@ def test_lora_adapter_loads_frozen_for_inference_and_trainable_for_training(fold
     inputs = make_inputs(processor, PROMPTS)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits)
-    trainable = load_safety(load_base_model(folders / "base0"), folders / "lora_adapter", trainable=True)
+    trainable = SafeVLM.from_pretrained(load_base_model(folders / "base0"), folders / "lora_adapter", trainable=True)
     assert all(p.requires_grad for n, p in trainable.base_model.named_parameters() if "lora_" in n)
     assert trainable.safety_head.level_classifier.weight.dtype is torch.float32
 
@@ -353,7 +352,7 @@ def test_merge_checks_the_base_and_binds_the_merged_folder(folders, tmp_path, ca
 def test_stage2_adapter_on_a_base_of_another_shape_fails_before_peft_loads(folders, tmp_path, capfd, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
-    import safevlm.loading as loading
+    import safevlm.bases as bases
     from safevlm.tiny import build_config, build_processor
 
     config = build_config("test", build_processor("test").tokenizer)
@@ -368,9 +367,9 @@ def test_stage2_adapter_on_a_base_of_another_shape_fails_before_peft_loads(folde
     err = capfd.readouterr().err
     assert "size mismatch" not in err and err == ""
     # the LoRA is never read: the check comes first
-    monkeypatch.setattr(loading, "load_lora", lambda *a, **k: pytest.fail("LoRA loaded before the shape check"))
+    monkeypatch.setattr(bases, "load_lora", lambda *a, **k: pytest.fail("LoRA loaded before the shape check"))
     with pytest.raises(ValueError, match="another shape"):
-        load_safety(load_base_model(tmp_path / "wide"), folders / "lora_adapter")
+        SafeVLM.from_pretrained(load_base_model(tmp_path / "wide"), folders / "lora_adapter")
 
 
 def test_loading_a_saved_folder_and_lora_adapter_prints_nothing(folders):

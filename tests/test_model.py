@@ -214,7 +214,7 @@ def test_save_load_round_trip_holds_only_safety_weights(tmp_path, tiny, safe_mod
     assert saved_numel < base_numel
     saved_config = json.loads((tmp_path / "safety_config.json").read_text())
     assert saved_config["num_prefix_tokens"] == 4
-    from safevlm.loading import base_fingerprint
+    from safevlm.bases import base_fingerprint
 
     assert saved_config["base_fingerprint"] == base_fingerprint(base)  # the adapter names its base
 
@@ -250,8 +250,8 @@ def test_mismatched_image_tokens_raise_with_numbers(safe_model, tiny_processor):
 def test_unknown_projector_kind_and_bad_config_values(tiny):
     with pytest.raises(ValueError, match="unknown projector_kind 'resampler'; allowed: mlp, cabstractor"):
         SafeVLM(tiny[0], projector_kind="resampler")
-    with pytest.raises(ValueError, match="square num_safety_tokens"):
-        SafetyConfig(projector_kind="cabstractor", num_safety_tokens=10)
+    with pytest.raises(ValueError, match="square num_safety_features"):
+        SafetyConfig(projector_kind="cabstractor", num_safety_features=10)
     with pytest.raises(ValueError, match="dropout"):
         SafetyConfig(dropout=1.5)
     with pytest.raises(ValueError, match="unknown SafetyConfig field"):
@@ -267,7 +267,7 @@ def test_unsupported_base_family_is_refused():
 
 
 def test_cabstractor_projector_pools_to_a_square_grid(tiny):
-    model = SafeVLM(tiny[0], projector_kind="cabstractor", num_safety_tokens=4, num_prefix_tokens=2, head_num_heads=4).eval()
+    model = SafeVLM(tiny[0], projector_kind="cabstractor", num_safety_features=4, num_prefix_tokens=2, head_num_heads=4).eval()
     features = torch.randn(3, 16, 32)
     assert model.safety_projector(features).shape == (3, 4, 32)
     out = model.guard(input_ids=None, vision_features=features)
@@ -301,7 +301,7 @@ def test_conditioned_prefix_tokens_start_static_and_carry_the_head_state(tiny):
     image_id = model.config.image_token_id
     for b in range(2):
         first = int((ids[b] == image_id).nonzero()[0])
-        expected = model.prefix_tokens.embeddings + model.prefix_tokens.condition(head.pooled[b])
+        expected = model.prefix_tokens.embeddings + model.prefix_tokens.condition(head.safety_state[b])
         torch.testing.assert_close(embeds[b, first:first + 3], expected)
     # two different inputs get different prefixes
     first0 = int((ids[0] == image_id).nonzero()[0])

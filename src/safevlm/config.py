@@ -53,9 +53,10 @@ class SafetyConfig:
         "over the patch grid, adaptive pooling to a square grid of M tokens, MLP readout).",
         default="mlp",
     )
-    num_safety_tokens: int | None = _help(
-        "M, the number of safety features the projector outputs. 'mlp' keeps the N image features "
-        "(leave None); 'cabstractor' needs a square number (default 64).",
+    num_safety_features: int | None = _help(
+        "M, the number of safety features per image that the projector outputs. 'mlp' keeps the "
+        "N image features (leave None: filled in from the base); 'cabstractor' needs a square "
+        "number (default 64).",
         default=None,
     )
     cabstractor_depth: int = _help("Residual conv blocks before and after pooling (cabstractor).", default=2)
@@ -67,7 +68,7 @@ class SafetyConfig:
         default=64,
     )
     prefix_conditioning: str = _help(
-        "'head': each prefix token also carries a projection of the safety head's pooled state, so "
+        "'head': each prefix token also carries a projection of the safety head's state (safety_state), so "
         "the LLM sees this input's risk (zero-initialised: starts as static tokens); 'none': static "
         "learned tokens only, as in the paper.",
         default="head",
@@ -94,7 +95,7 @@ class SafetyConfig:
     # -- the exact base (written by SafeVLM.save_pretrained) -----------------------------------
     base_fingerprint: str | None = _help(
         "Fingerprint of the base weights these modules were trained on (see "
-        "safevlm.loading.base_fingerprint). Loading onto a base with another fingerprint is refused "
+        "safevlm.bases.base_fingerprint). Loading onto a base with another fingerprint is refused "
         "unless allow_base_mismatch is set; None (adapters saved before it was recorded) cannot be checked.",
         default=None,
     )
@@ -108,20 +109,22 @@ class SafetyConfig:
                 f"unknown projector_kind {self.projector_kind!r}; allowed: {', '.join(PROJECTOR_KINDS)}"
             )
         if self.projector_kind == "cabstractor":
-            if self.num_safety_tokens is None:
-                self.num_safety_tokens = 64
-            side = math.isqrt(self.num_safety_tokens)
-            if self.num_safety_tokens < 1 or side * side != self.num_safety_tokens:
+            if self.num_safety_features is None:
+                self.num_safety_features = 64
+            side = math.isqrt(self.num_safety_features)
+            if self.num_safety_features < 1 or side * side != self.num_safety_features:
                 raise ValueError(
-                    f"cabstractor needs a square num_safety_tokens (e.g. 16, 64, 144), got {self.num_safety_tokens}"
+                    f"cabstractor needs a square num_safety_features (e.g. 16, 64, 144), got {self.num_safety_features}"
                 )
-        elif self.num_safety_tokens is not None and self.num_image_features and (
-            self.num_safety_tokens != self.num_image_features
+        elif self.num_safety_features is not None and self.num_image_features and (
+            self.num_safety_features != self.num_image_features
         ):
             raise ValueError(
                 f"the 'mlp' projector keeps all {self.num_image_features} image features; "
-                f"num_safety_tokens={self.num_safety_tokens} needs projector_kind='cabstractor'"
+                f"num_safety_features={self.num_safety_features} needs projector_kind='cabstractor'"
             )
+        elif self.num_safety_features is None and self.num_image_features:
+            self.num_safety_features = self.num_image_features  # mlp: M = N
         if self.prefix_conditioning not in PREFIX_CONDITIONING:
             raise ValueError(
                 f"unknown prefix_conditioning {self.prefix_conditioning!r}; allowed: {', '.join(PREFIX_CONDITIONING)}"
@@ -161,11 +164,6 @@ class SafetyConfig:
     def num_levels(self) -> int:
         return self.taxonomy.num_levels
 
-    @property
-    def num_safety_features(self) -> int:
-        """M: safety features per image that the projector outputs."""
-        return self.num_safety_tokens if self.projector_kind == "cabstractor" else self.num_image_features
-
     def is_bound(self) -> bool:
         """True once the base-model fields have been filled in."""
         return self.vision_hidden_size > 0 and self.text_hidden_size > 0 and self.num_image_features > 0
@@ -201,6 +199,8 @@ class SafetyConfig:
         # Adapters saved before loss weights moved to the training recipe carry them; they
         # never shaped the modules, so they are dropped.
         d = {k: v for k, v in d.items() if k not in LEGACY_TRAINING_FIELDS}
+        if "num_safety_tokens" in d:  # the name of M before it became num_safety_features
+            d.setdefault("num_safety_features", d.pop("num_safety_tokens"))
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

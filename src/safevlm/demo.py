@@ -388,7 +388,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     from safevlm.data import load_records
     from safevlm.data.synth import make_synthetic_dataset
     from safevlm.model import SafeVLM
-    from safevlm.loading import load_base
+    from safevlm.bases import load_base
     from safevlm.train import TrainConfig, run_stage
 
     settings = settings or DemoSettings()

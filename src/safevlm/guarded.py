@@ -234,7 +234,7 @@ class _Batch:
             pixels = pixel_values(processor, [self.images[i] for i in image_idx]).to(_device(model))
             self.vision_features = model.encode_images(pixels)  # the one vision pass
         self.decisions: list[Decision | None] = [None] * n
-        self.safety_states: list = [None] * n  # the head's pooled state per input, reused by generate
+        self.safety_states: list = [None] * n  # the head's safety_state per input, reused by generate
         self.prompt_tokens = [0] * n
         self.tokens: dict[str, tuple] = {}  # group -> (input_ids, attention_mask) the head read
         for key, idx in self.groups.items():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safevlm.backbones import causal_lm_loss, get_backbone, position_ids_from_mask
+from safevlm.bases import check_base_signature
 from safevlm.config import SafetyConfig
 from safevlm.modules import PrefixSafetyTokens, SafetyHead, build_safety_projector
 
@@ -60,7 +61,7 @@ class SafeVLMOutput:
 class GuardOutput:
     """Outputs of :meth:`SafeVLM.guard`: probabilities (B, num_levels) / (B, num_types), the
     argmax ids (B,), and for reuse in generation the vision features (num_images, N, Dv) and
-    the head's pooled state (B, W) that conditions the prefix tokens."""
+    the head's safety_state (B, W) that conditions the prefix tokens."""
 
     level_logits: torch.Tensor
     type_logits: torch.Tensor
@@ -196,7 +197,7 @@ class SafeVLM(nn.Module):
         """LLM inputs with image embeds scattered in and prefix tokens inserted before the first
         image token (or the first attended token when there is no image).
 
-        ``safety_state`` (B, W) is the head's pooled state for conditioned prefix tokens; when it
+        ``safety_state`` (B, W) is the head's safety_state for conditioned prefix tokens; when it
         is needed and not given, the head is run here (no second vision pass).
 
         Returns (inputs_embeds (B, L+P, D), attention_mask (B, L+P), labels (B, L+P) or None).
@@ -210,7 +211,7 @@ class SafeVLM(nn.Module):
         has_image = image_mask.any(dim=1)
         anchor = torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
         if self.prefix_tokens.conditioned and safety_state is None:
-            safety_state = self._head(input_ids, attention_mask, vision_features, labels).pooled
+            safety_state = self._head(input_ids, attention_mask, vision_features, labels).safety_state
         return self.prefix_tokens.insert(embeds, attention_mask, anchor, labels, safety_state)
 
     @staticmethod
@@ -265,7 +266,7 @@ class SafeVLM(nn.Module):
             # The LM loss trains the prefix tokens but never moves the head: detached, the head
             # stays a classifier trained by the classification loss alone.
             embeds, mask, full_labels = self.build_inputs_embeds(
-                input_ids, attention_mask, vision_features, labels, token_embeds, head.pooled.detach()
+                input_ids, attention_mask, vision_features, labels, token_embeds, head.safety_state.detach()
             )
             out.logits = self.backbone.language_forward(embeds, mask, self.position_ids(mask))
             if full_labels is not None:
@@ -307,7 +308,7 @@ class SafeVLM(nn.Module):
             risk_level=head.level_probs.argmax(dim=-1),
             risk_type=head.type_probs.argmax(dim=-1),
             vision_features=vision_features,
-            safety_state=head.pooled,
+            safety_state=head.safety_state,
         )
 
     # -- generation -------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ class SafeVLM(nn.Module):
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "safevlm": "safety_adapter"})
         os.replace(tmp, directory / WEIGHTS_NAME)
-        from safevlm.loading import base_fingerprint
+        from safevlm.bases import base_fingerprint
 
         self.config.base_fingerprint = base_fingerprint(self.base_model)  # binds the adapter to this base
         self.config.save(directory)
@@ -407,35 +408,60 @@ class SafeVLM(nn.Module):
         allow_base_mismatch: bool = False,
         trust_remote_code: bool = False,
         torch_dtype: torch.dtype | str | None = None,
+        trainable: bool = False,
+        seed: int | None = None,
         **config_overrides,
     ) -> "SafeVLM":
-        """Load a base (folder, ``tiny:<preset>[@seed]`` or model) and, if given, a safety adapter
-        folder onto it, in eval mode; :mod:`safevlm.loading` does the work (and states the rules).
+        """Load a base (folder, ``tiny:<preset>[@seed]`` or a loaded model) and, if given, a
+        safety adapter folder onto it. :mod:`safevlm.loading` states the rules.
 
-        With no adapter, fresh safety modules are built (``config_overrides`` set their fields).
-        ``dtype``: ``"auto"`` (float32 on CPU, bfloat16 on GPUs that support it, else float16),
-        a name like ``"bfloat16"`` or a ``torch.dtype``; the safety modules take the base's dtype.
-        ``torch_dtype`` is accepted as an alias. ``device``: default ``cuda`` if available, else
-        ``cpu``; a model passed in stays where it is. An adapter trained on a base with other
-        weights is refused unless ``allow_base_mismatch``.
+        Without an adapter, fresh safety modules are built (``config_overrides`` set their
+        fields; ``seed`` seeds their initialisation). With one, the base is checked first
+        (shapes, then weights fingerprint: :func:`safevlm.bases.check_adapter_base`; a base
+        folder before its weights are read), then the LoRA adapter (``lora/``) and the safety
+        weights are loaded. An adapter trained on a base with other weights is refused unless
+        ``allow_base_mismatch``.
+
+        ``dtype``: ``"auto"`` (float32 on CPU, bfloat16 on GPUs that support it, else
+        float16), a name like ``"bfloat16"`` or a ``torch.dtype`` (``torch_dtype`` is accepted
+        as an alias). ``device``: default ``cuda`` if available, else ``cpu``; a model passed
+        in stays where it is. ``trainable``: for training, the LoRA adapter is trainable and
+        the safety modules stay in float32; otherwise they take the base's dtype and the model
+        is returned in eval mode.
         """
-        from safevlm.loading import load_base_model, load_safety
+        from safevlm.bases import base_fingerprint, check_adapter_base, load_base_model, load_lora, precheck_adapter
 
         if torch_dtype is not None:
             if dtype not in (None, "auto") and dtype != torch_dtype:
                 raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass dtype only")
             dtype = torch_dtype
+        if adapter_dir is not None:
+            adapter_dir = Path(adapter_dir)
+            if not adapter_dir.is_dir():
+                raise FileNotFoundError(f"adapter folder not found: {adapter_dir}")
+            if config_overrides:
+                raise ValueError(f"config overrides {sorted(config_overrides)} cannot change a saved adapter's config")
+            if not isinstance(base, nn.Module):
+                precheck_adapter(base, adapter_dir, allow_base_mismatch, trust_remote_code)
         base = load_base_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return load_safety(base, adapter_dir, allow_base_mismatch=allow_base_mismatch, **config_overrides)
+        if adapter_dir is None:
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = cls(base, **config_overrides)
+        else:
+            config = SafetyConfig.load(adapter_dir)
+            check_adapter_base(config, get_backbone(base).config, base_fingerprint(base), adapter_dir,
+                               allow_base_mismatch)
+            if (adapter_dir / LORA_DIR).is_dir():
+                base = load_lora(base, adapter_dir / LORA_DIR, trainable=trainable)
+            model = cls(base, config)
+            model.load_safety_weights(adapter_dir)
+        if not trainable:
+            dtype = model.backbone.lm_head.weight.dtype
+            for name in cls.SAFETY_MODULES:
+                getattr(model, name).to(dtype)
+            model.eval()
+        return model
 
 
-def check_base_signature(config: SafetyConfig, base_config, source: str) -> None:
-    """Refuse safety modules made for a base of another shape, naming every difference."""
-    expected = SafetyConfig.from_base_config(base_config).base_signature()
-    got = config.base_signature()
-    if got != expected:
-        diff = ", ".join(f"{k}: {got[k]} here vs {expected[k]} in the base" for k in got if got[k] != expected[k])
-        raise ValueError(f"{source} was made for a base of another shape ({diff})")
-
-
-__all__ = ["GuardOutput", "SafeVLM", "SafeVLMOutput", "check_base_signature"]
+__all__ = ["GuardOutput", "SafeVLM", "SafeVLMOutput"]

@@ -1,6 +1,6 @@
 """`Policy`: dynamic safety control — the safety head's probabilities -> allow / hint / refuse.
 
-The head gives two calibrated distributions per input: a risk **level** (0 safe .. 3 serious
+The head gives two distributions per input (softmax of its logits over temperatures T; T = 1 unless ``safevlm calibrate`` fitted them): a risk **level** (0 safe .. 3 serious
 risk) and a risk **type**. For every risk type ``t`` other than the safe one, and every level
 ``k``, the policy reads
 
@@ -189,7 +189,7 @@ def _round(x: float, ndigits: int):
 # -- the policy ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Policy:
-    """Maps the safety head's calibrated probabilities to ``allow`` / ``hint`` / ``refuse``.
+    """Maps the safety head's probabilities to ``allow`` / ``hint`` / ``refuse``.
 
     Build with :meth:`from_yaml`, :meth:`from_dict`, :meth:`default` or :func:`load_policy`;
     ``decide`` for one input, ``decide_batch`` for tensors.

@@ -52,7 +52,7 @@ politics illegal insult bullying fairness privacy misleading safe risk level low
 """.strip().splitlines()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TinyPreset:
     image_size: int
     patch_size: int
@@ -68,8 +68,16 @@ class TinyPreset:
 
 
 PRESETS = {
-    "test": TinyPreset(16, 4, 32, 2, 4, 32, 2, 4, 64, 512, 512),
-    "default": TinyPreset(112, 16, 128, 4, 4, 256, 4, 4, 688, 2048, 1024),
+    "test": TinyPreset(
+        image_size=16, patch_size=4, vision_hidden=32, vision_layers=2, vision_heads=4,
+        text_hidden=32, text_layers=2, text_heads=4, text_intermediate=64,
+        vocab_size=512, max_position_embeddings=512,
+    ),
+    "default": TinyPreset(
+        image_size=112, patch_size=16, vision_hidden=128, vision_layers=4, vision_heads=4,
+        text_hidden=256, text_layers=4, text_heads=4, text_intermediate=688,
+        vocab_size=2048, max_position_embeddings=1024,
+    ),
 }
 
 

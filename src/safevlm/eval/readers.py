@@ -151,12 +151,28 @@ def _field(obj: dict, key: str, types, location: str):
 # --------------------------------------------------------------------------- safevlm.data formats
 
 
+def _mapping_option(options: dict, path: Path) -> "Path | None":
+    """The ``mapping`` data option: a label table (YAML) replacing the format's shipped one,
+    relative to the data file's folder unless absolute."""
+    value = options.get("mapping")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.endswith((".yaml", ".yml")):
+        raise ValueError(f"data option 'mapping' must be a .yaml label table path, got {value!r}")
+    table = Path(value) if Path(value).is_absolute() else path.parent / value
+    if not table.is_file():
+        raise FileNotFoundError(f"label table (data option 'mapping') not found: {table}")
+    return table
+
+
 def _from_records(path: Path, fmt: str, image_root: Path | None, options: dict, to_item, reader: str, check_images: bool | None = None) -> ReadReport:
     """Items from :func:`safevlm.data.load_records` (``to_item(record, root) -> EvalItem | Skipped``).
 
-    Image checks are ``load_records``' own (missing, broken, escaping images are skipped there)."""
+    Image checks are ``load_records``' own (missing, broken, escaping images are skipped there).
+    Options: ``check_images`` (default true), ``mapping`` (a label table for this data)."""
     check = _bool_option(options, "check_images", True)
-    load = load_records(path, format=fmt, image_root=image_root, check_images=check if check_images is None else check_images)
+    load = load_records(path, format=fmt, image_root=image_root, check_images=check if check_images is None else check_images,
+                        mapping=_mapping_option(options, path))
     report = ReadReport(source=str(path), reader=reader, skipped=list(load.skipped))
     root = image_root or path.parent
     for record in load.records:

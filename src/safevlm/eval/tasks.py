@@ -40,6 +40,9 @@ from safevlm.eval.metrics import METRICS
 from safevlm.eval.readers import READERS, reader_subsets
 
 TASKS_DIR = Path(__file__).with_name("tasks")
+PACKAGE_DATA_DIR = Path(__file__).with_name("controls")
+PACKAGE_PREFIX = "package:"
+"""A data path starting with ``package:`` is relative to ``safevlm/eval/controls/`` (data safevlm ships)."""
 DATA_ROOT_ENV = "SAFEVLM_DATA_ROOT"
 PROMPT_FIELDS = ("prompt", "subset", "category")
 GROUP_BY = ("subset", "category")
@@ -114,6 +117,8 @@ class Task:
         root = Path(data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV, "."))
 
         def resolve(p: str) -> Path:
+            if p.startswith(PACKAGE_PREFIX):  # data shipped with safevlm (e.g. the FigStep benign control set)
+                return PACKAGE_DATA_DIR / p[len(PACKAGE_PREFIX):]
             p = os.path.expanduser(p)
             return Path(p) if os.path.isabs(p) else root / p
 
@@ -414,6 +419,8 @@ def task_groups(tasks) -> dict[str, list[str]]:
 __all__ = [
     "DATA_ROOT_ENV",
     "DataSpec",
+    "PACKAGE_DATA_DIR",
+    "PACKAGE_PREFIX",
     "JudgeSpec",
     "MetricSpec",
     "TASKS_DIR",

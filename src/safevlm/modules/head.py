@@ -17,14 +17,16 @@ from safevlm.config import SafetyConfig
 
 @dataclass
 class SafetyHeadOutput:
-    """level_logits (B, num_levels), type_logits (B, num_types); probabilities are calibrated
-    with the head's temperatures; pooled (B, head width) is the state the classifiers read."""
+    """level_logits (B, num_levels), type_logits (B, num_types); probabilities are
+    ``softmax(logits / T)`` with the head's temperatures T (1 unless ``safevlm calibrate`` has
+    fitted them); safety_state (B, head width) is the state the classifiers read (and that
+    conditions the prefix tokens)."""
 
     level_logits: torch.Tensor
     type_logits: torch.Tensor
     level_probs: torch.Tensor
     type_probs: torch.Tensor
-    pooled: torch.Tensor | None = None
+    safety_state: torch.Tensor | None = None
 
 
 class _CrossAttentionLayer(nn.Module):
@@ -79,7 +81,7 @@ class SafetyHead(nn.Module):
         self.norm_pool = nn.LayerNorm(width)
         self.level_classifier = nn.Linear(width, config.num_levels)
         self.type_classifier = nn.Linear(width, config.num_types)
-        # Temperature scaling (set by calibration); saved with the adapter.
+        # Temperature scaling: T = 1 until `safevlm calibrate` fits it; saved with the adapter.
         self.register_buffer("level_temperature", torch.ones(()))
         self.register_buffer("type_temperature", torch.ones(()))
 
@@ -118,13 +120,13 @@ class SafetyHead(nn.Module):
             x = layer(x, keys, key_mask)
         weights = key_mask.to(keys.dtype).unsqueeze(-1)
         key_mean = (keys * weights).sum(dim=1) / weights.sum(dim=1)
-        pooled = self.norm_out(x).mean(dim=1) + self.norm_pool(key_mean)
-        level_logits = self.level_classifier(pooled)
-        type_logits = self.type_classifier(pooled)
+        safety_state = self.norm_out(x).mean(dim=1) + self.norm_pool(key_mean)
+        level_logits = self.level_classifier(safety_state)
+        type_logits = self.type_classifier(safety_state)
         return SafetyHeadOutput(
             level_logits=level_logits,
             type_logits=type_logits,
             level_probs=torch.softmax(level_logits.float() / self.level_temperature, dim=-1),
             type_probs=torch.softmax(type_logits.float() / self.type_temperature, dim=-1),
-            pooled=pooled,
+            safety_state=safety_state,
         )

@@ -66,7 +66,7 @@ class CAbstractorProjector(nn.Module):
             raise ValueError(
                 f"cabstractor needs the image features to form a square grid; got {grid_tokens} patch features"
             )
-        self.out_side = math.isqrt(config.num_safety_tokens)
+        self.out_side = math.isqrt(config.num_safety_features)
         width = config.safety_dim
         self.stem = nn.Conv2d(config.vision_hidden_size, width, 1)
         self.before = nn.Sequential(*[_ResidualConvBlock(width, config.dropout) for _ in range(config.cabstractor_depth)])
@@ -75,7 +75,7 @@ class CAbstractorProjector(nn.Module):
         self.readout = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
 
     def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """(B, N, Dv) -> (B, M, Ds) with M = num_safety_tokens."""
+        """(B, N, Dv) -> (B, M, Ds) with M = num_safety_features."""
         if self.has_cls:
             vision_features = vision_features[:, 1:]
         b, n, d = vision_features.shape

@@ -15,8 +15,8 @@ from safevlm.config import SafetyConfig
 class PrefixSafetyTokens(nn.Module):
     """P learned embeddings (P, D) and the logic to insert them into a batch.
 
-    With ``prefix_conditioning="head"`` every prefix token also gets ``condition(pooled)``, a
-    projection of the safety head's pooled state (B, W) -> (B, D), so the LLM can condition on
+    With ``prefix_conditioning="head"`` every prefix token also gets ``condition(safety_state)``, a
+    projection of the safety head's state (B, W) -> (B, D), so the LLM can condition on
     this input's risk. The projection starts at zero: an untrained model behaves exactly like
     static prefix tokens.
     """
@@ -46,7 +46,7 @@ class PrefixSafetyTokens(nn.Module):
         """Insert the P tokens at position ``anchor[b]`` of each sample b.
 
         inputs_embeds (B, L, D), attention_mask (B, L), anchor (B,), labels (B, L),
-        safety_state (B, W) the head's pooled state (needed when conditioned) ->
+        safety_state (B, W) the head's safety_state (needed when conditioned) ->
         embeds (B, L+P, D), mask (B, L+P), labels (B, L+P) with -100 at the prefix.
         """
         p = self.num_tokens
@@ -63,7 +63,7 @@ class PrefixSafetyTokens(nn.Module):
         prefix = self.embeddings.to(inputs_embeds.dtype)[prefix_index]
         if self.condition is not None:
             if safety_state is None:
-                raise ValueError("conditioned prefix tokens need the safety head's pooled state")
+                raise ValueError("conditioned prefix tokens need the safety head's safety_state")
             prefix = prefix + self.condition(safety_state.to(self.condition.weight.dtype)).to(prefix.dtype).unsqueeze(1)
         embeds = torch.where(in_prefix.unsqueeze(-1), prefix, gathered)
         mask = torch.where(in_prefix, torch.ones_like(src), torch.gather(attention_mask.long(), 1, src))

@@ -42,14 +42,14 @@ def merge_lora(
             folder stores its weights; float32 for ``tiny:``), ``"float32"``, ``"bfloat16"``,
             ``"float16"``. The merge runs on the CPU.
         allow_base_mismatch: merge an adapter trained on a base with other weights (a warning
-            instead of :class:`~safevlm.loading.BaseMismatchError`).
+            instead of :class:`~safevlm.bases.BaseMismatchError`).
 
     The base is checked against the adapter (shapes, then weights) before the LoRA is loaded,
     and ``safety_adapter/safety_config.json`` records the merged folder's own fingerprint.
     """
     from safevlm.compat import quiet_loading
     from safevlm.config import SafetyConfig
-    from safevlm.loading import (
+    from safevlm.bases import (
         base_fingerprint,
         check_adapter_base,
         folder_fingerprint,

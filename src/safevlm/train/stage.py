@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safevlm.loading import parse_tiny_spec  # noqa: F401 - re-exported (tiny:<preset> specs)
+from safevlm.bases import parse_tiny_spec  # noqa: F401 - re-exported (tiny:<preset> specs)
 from safevlm.train.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,10 @@ class StageResult:
 # ------------------------------------------------------------------------------------ model
 def load_base(config: TrainConfig):
     """(base model, processor) named by ``config.model.base`` / ``config.model.processor``, through
-    :func:`safevlm.loading.load_base`: kept on the CPU (the Trainer places it), in the dtype that
+    :func:`safevlm.bases.load_base`: kept on the CPU (the Trainer places it), in the dtype that
     ``model.torch_dtype`` means on the device training runs on."""
     from safevlm.devices import resolve_device
-    from safevlm.loading import load_base as load, resolve_dtype
+    from safevlm.bases import load_base as load, resolve_dtype
 
     spec = config.model.base
     if not spec:
@@ -84,16 +84,15 @@ def build_model(config: TrainConfig, base: nn.Module) -> nn.Module:
     """
     from transformers import set_seed
 
-    from safevlm.loading import load_safety
-    from safevlm.model import LORA_DIR
+    from safevlm.model import LORA_DIR, SafeVLM
 
     set_seed(config.seed)  # safety-module initialisation is part of the run's determinism
     adapter = config.model.adapter
     if adapter is None:
-        return load_safety(base, trainable=True, **config.model.safety)
+        return SafeVLM.from_pretrained(base, trainable=True, **config.model.safety)
     if config.stage == 1 and (Path(adapter) / LORA_DIR).is_dir():
         raise ConfigError(f"model.adapter {adapter} has a LoRA adapter (stage 2); stage 1 starts before LoRA")
-    return load_safety(base, adapter, trainable=True, allow_base_mismatch=config.model.allow_base_mismatch)
+    return SafeVLM.from_pretrained(base, adapter, trainable=True, allow_base_mismatch=config.model.allow_base_mismatch)
 
 
 def language_model_prefix(model) -> str:
