@@ -53,7 +53,11 @@ def build_llava_shape(args):
     from safevlm.tiny import IMAGE_TOKEN, TinyPreset, build_processor, build_tokenizer
 
     tokenizer = build_tokenizer(2048)
-    preset = TinyPreset(336, 14, 128, 24, 2, 512, 8, 8, 1376, 2048, 2048)
+    preset = TinyPreset(
+        image_size=336, patch_size=14, vision_hidden=128, vision_layers=24, vision_heads=2,
+        text_hidden=512, text_layers=8, text_heads=8, text_intermediate=1376, vocab_size=2048,
+        max_position_embeddings=2048,
+    )
     processor = build_processor(preset, tokenizer)
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=2,
                               image_size=336, patch_size=14, projection_dim=128)

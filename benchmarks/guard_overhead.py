@@ -57,9 +57,12 @@ def build(args):
     from safevlm.tiny import IMAGE_TOKEN, TinyPreset, build_processor, build_tokenizer
 
     tokenizer = build_tokenizer(2048)
-    preset = TinyPreset(args.image_size, args.patch_size, args.vision_hidden, args.vision_layers, args.vision_hidden // 64 or 1,
-                        args.text_hidden, args.text_layers, args.text_hidden // 64 or 1, int(args.text_hidden * 2.6875),
-                        2048, 2048)
+    preset = TinyPreset(
+        image_size=args.image_size, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
+        vision_layers=args.vision_layers, vision_heads=args.vision_hidden // 64 or 1,
+        text_hidden=args.text_hidden, text_layers=args.text_layers, text_heads=args.text_hidden // 64 or 1,
+        text_intermediate=int(args.text_hidden * 2.6875), vocab_size=2048, max_position_embeddings=2048,
+    )
     processor = build_processor(preset, tokenizer)
     vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                               num_hidden_layers=args.vision_layers, num_attention_heads=preset.vision_heads,

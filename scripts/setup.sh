@@ -10,17 +10,22 @@ cd "$(dirname "$0")/.."
 VENV="${SAFEVLM_VENV:-.venv}"
 FONT=/usr/share/fonts/truetype/freefont/FreeMonoBold.ttf
 
-# FigStep renders with FreeMonoBold (Debian/Ubuntu: fonts-freefont-ttf); without it
-# `safevlm data render-figstep` refuses to run unless given --font.
-if [ ! -f "$FONT" ] && command -v apt-get >/dev/null 2>&1; then
+# System packages: FigStep renders with FreeMonoBold (Debian/Ubuntu: fonts-freefont-ttf);
+# without it `safevlm data render-figstep` refuses to run unless given --font. The scan
+# report's browser test drives Debian's chromium through Playwright (no browser download).
+WANT=()
+[ -f "$FONT" ] || WANT+=(fonts-freefont-ttf)
+command -v chromium >/dev/null 2>&1 || WANT+=(chromium)
+if [ ${#WANT[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="$(command -v sudo || true)"
   if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
-    $SUDO apt-get install -y -q fonts-freefont-ttf >/dev/null 2>&1 \
-      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q fonts-freefont-ttf >/dev/null 2>&1; } \
+    $SUDO apt-get install -y -q "${WANT[@]}" >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q "${WANT[@]}" >/dev/null 2>&1; } \
       || true
   fi
 fi
 [ -f "$FONT" ] || echo "setup: FreeMonoBold.ttf is missing; install the package fonts-freefont-ttf (FigStep rendering and its tests need it)" >&2
+command -v chromium >/dev/null 2>&1 || echo "setup: chromium is missing; install it (apt-get install chromium) for the scan report's browser test" >&2
 
 PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

@@ -38,3 +38,15 @@ def test_demo_learns_to_classify_and_refuse(tmp_path):
     assert multi["n_risky_refused_first_turn"] >= 10 and multi["n_benign_allowed_first_turn"] >= 10, multi
     assert multi["risky_second_turn_refusal"] >= 0.90, multi
     assert multi["benign_second_turn_allowed"] >= 0.90, multi
+    # the evaluation section (issue 12): safevlm eval on the held-out split, FigStep and its benign control
+    evaluation = report["evaluation"]
+    assert evaluation["demo_heldout"]["n"] > 0 and evaluation["demo_heldout"]["refusal_rate"] is not None
+    assert evaluation["figstep_benign"]["n"] == 50 and evaluation["figstep_benign"]["head_flag_rate"] is not None
+    from conftest import SHARED_DATA
+
+    if (SHARED_DATA / "safebench.csv").is_file():
+        assert evaluation["figstep"]["n"] == 50 and evaluation["figstep"]["asr"] is not None, evaluation["figstep"]
+    else:
+        assert evaluation["figstep"] is None and evaluation["notes"]
+    assert (tmp_path / "eval" / "report.html").is_file() and "## " in saved["evaluation"]["markdown"]
+    assert evaluation["markdown"].strip().splitlines()[0] in (tmp_path / "report.md").read_text()

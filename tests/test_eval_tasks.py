@@ -13,7 +13,7 @@ from safevlm.data.mappings import load_mapping
 from safevlm.eval.items import EvalItem
 from safevlm.eval.tasks import TASKS_DIR, TaskError, describe_tasks, list_tasks, load_task
 
-REQUIRED = {"vlguard", "figstep", "mmsafetybench", "mme", "pope", "vqa", "holisafe", "demo_heldout"}
+REQUIRED = {"vlguard", "figstep", "figstep_benign", "mmsafetybench", "mme", "pope", "vqa", "holisafe", "demo_heldout", "demo_val"}
 
 
 def test_shipped_tasks_cover_the_issue():

@@ -80,6 +80,7 @@ def test_overrides_use_dotted_keys_and_yaml_values():
         ({"loss": {"cls_weight": 0, "lm_weight": 0}}, r"both 0: nothing to train"),
         ({"log": {"progress_bar": "yes"}}, r"log.progress_bar must be true/false, got 'yes'"),
         ({"data": {"train": "a.jsonl", "synthetic": {"n": 10}}}, r"either data.synthetic or data.train/data.val"),
+        ({"data": {"synthetic": {"multi_turn_ratio": 1.5}}}, r"data.synthetic.multi_turn_ratio must be in \[0, 1\], got 1.5"),
     ],
 )
 def test_bad_recipes_are_clear_errors(change, message):
@@ -131,3 +132,16 @@ def test_round_trip_through_yaml(tmp_path):
     path = tmp_path / "copy.yaml"
     path.write_text(config.to_yaml())
     assert TrainConfig.from_yaml(path) == config
+
+
+def test_synthetic_data_made_with_another_multi_turn_ratio_is_not_reused(tmp_path):
+    from safevlm.train.config import SyntheticSection
+    from safevlm.train.stage import ensure_synthetic_dataset
+
+    root = tmp_path / "synth"
+    ensure_synthetic_dataset(root, SyntheticSection(dir=str(root), n=12, image_size=32, multi_turn_ratio=0.5))
+    meta = json.loads((root / "synth.json").read_text())
+    assert meta["multi_turn_ratio"] == 0.5
+    ensure_synthetic_dataset(root, SyntheticSection(dir=str(root), n=12, image_size=32, multi_turn_ratio=0.5))  # reused
+    with pytest.raises(ConfigError, match="made with other settings"):
+        ensure_synthetic_dataset(root, SyntheticSection(dir=str(root), n=12, image_size=32, multi_turn_ratio=0.0))

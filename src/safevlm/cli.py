@@ -17,13 +17,16 @@ from pathlib import Path
 # Each module in safevlm.commands defines ``register(subparsers)``, which adds its parser
 # and sets ``func`` to a ``command(args) -> int | None`` function. Keep the list sorted.
 COMMAND_MODULES: tuple[str, ...] = (
+    "calibrate",
     "chat",
     "classify",
     "data",
     "demo",
+    "eval",
     "merge",
     "params",
     "policy",
+    "scan",
     "serve",
     "tiny",
     "train",
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="safevlm",
-        description="Safety modules (PSA-VLM) for vision-language models: data, train, merge, classify, chat, serve.",
+        description="Safety modules (PSA-VLM) for vision-language models: data, train, merge, classify, chat, serve, scan.",
     )
     parser.add_argument("--version", action="version", version=f"safevlm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")

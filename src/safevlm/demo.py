@@ -1,9 +1,11 @@
 """The main job: the whole PSA-VLM method on the embedded tiny model, on a laptop CPU.
 
-``safevlm demo --out DIR`` runs, top to bottom:
+``safevlm demo --out DIR`` runs, top to bottom (the numbers are the banners it prints):
 
-1. **Base model.** Build the tiny LLaVA (random weights) and give it the two pre-trainings a
-   real LLaVA has had before safety work starts:
+1. **Tiny base + safety data.** Build the tiny LLaVA (random weights) and the synthetic
+   risky / benign samples (``safevlm.data.synth``; splits share no prompt text; a share of
+   train/val samples are second turns of a conversation).
+2. **Base pre-training**, the two a real LLaVA has had before safety work starts:
    a. *vision pre-training* (the CLIP analogue): the vision tower learns to tell images
       apart by their captions on a stream of freshly rendered images (typography, shapes,
       objects, real photos from skimage);
@@ -12,14 +14,17 @@
       safety alignment a real chat LLM has (it refuses or answers cautiously when the harmful
       request is in the *prompt*). The result is the situation the paper starts from: the
       base refuses harmful text, but a harmful request typed into an image goes through.
-2. **Safety data**: synthetic risky / benign samples (``safevlm.data.synth``), splits that
-   share no prompt text.
-3. **Stage 1**: base frozen, safety projector + head (+ prefix tokens) on the classification
+3. **Before**: the base model's answers on held-out prompts (refusal on risky, over-refusal
+   and answer accuracy on benign).
+4. **Stage 1**: base frozen, safety projector + head (+ prefix tokens) on the classification
    loss, vision features cached.
-4. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss.
-5. **Report**: head metrics on the held-out split, refusal rate on risky prompts,
-   over-refusal and answer accuracy on benign prompts, before (base) and after (stage 2),
-   plots, and a few guarded answers (allow / hint / refuse) under the default policy.
+5. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss.
+6. **After**: the same answers from the safety-aligned model, a few guarded answers (allow /
+   hint / refuse) under the default policy, and the multi-turn check (a request asked as the
+   second user turn).
+7. **Evaluation and report**: ``safevlm eval`` on the held-out split and on FigStep
+   (SafeBench questions rendered with the exact renderer, never trained on) with a benign
+   control set in the same layout; ``report.json``, ``report.md`` and plots.
 
 Everything is deterministic for a seed on CPU. The settings in :class:`DemoSettings` are sized
 so that the whole run takes a few minutes on 2 cores.
@@ -373,7 +378,16 @@ def _markdown(report: dict) -> str:
     for ex in report["guarded_examples"]:
         lines.append(f"* **{ex['action']}** ({ex['risk_type']}, level {ex['risk_level']}) — "
                      f"_{ex['prompt']}_ → {ex['text']}")
+    multi = report.get("multi_turn")
+    if multi:
+        lines += ["", "## Multi-turn: the request as the second user turn", "",
+                  f"* risky requests refused as a first turn, still refused as the second: "
+                  f"{multi['risky_second_turn_refusal']} (of {multi['n_risky_refused_first_turn']})",
+                  f"* benign requests allowed as a first turn, still allowed as the second: "
+                  f"{multi['benign_second_turn_allowed']} (of {multi['n_benign_allowed_first_turn']})"]
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report["plots"]), ""]
+    if report.get("evaluation"):
+        lines += [report["evaluation"]["markdown"].rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -405,7 +419,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
             print(f"\n== {text} ({time.time() - start:.0f} s)", flush=True)
 
     # -- 1. base ------------------------------------------------------------------------------------
-    banner("1/6 tiny base model + synthetic safety data")
+    banner("1/7 tiny base model + synthetic safety data")
     torch.manual_seed(settings.seed)
     base, processor = load_base(f"tiny:default@{settings.seed}", dtype="float32", device="cpu")
     data_dir = out / "data"
@@ -415,7 +429,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
               for s in ("train", "val", "test")}
     test_subset = _eval_subset(splits["test"], settings.eval_samples, settings.seed)
 
-    banner("2/6 base pre-training (vision, then multimodal)")
+    banner("2/7 base pre-training (vision, then multimodal)")
     vision_info = pretrain_vision(base, processor, settings, progress)
     lm_info = pretrain_language(base, processor, splits["train"], data_dir, settings, progress)
     base_params = sum(p.numel() for p in base.parameters())
@@ -423,7 +437,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         base.save_pretrained(out / "base", safe_serialization=True)  # for chat / serve / classify --model
     processor.save_pretrained(out / "base")
 
-    banner("3/6 before: the base model's answers on held-out prompts")
+    banner("3/7 before: the base model's answers on held-out prompts")
     before_answers = generate_answers(
         lambda inputs: base.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False)[
             :, inputs["input_ids"].shape[1]:],
@@ -432,7 +446,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     before = answer_metrics(test_subset, before_answers)
 
     # -- stage 1 ------------------------------------------------------------------------------------
-    banner("4/6 stage 1: safety projector + head on the frozen base")
+    banner("4/7 stage 1: safety projector + head on the frozen base")
     common = {
         "seed": settings.seed,
         "overwrite": True,
@@ -456,7 +470,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     stage1_metrics, type_true, type_pred = head_evaluation(model, processor, splits["test"], data_dir, settings)
 
     # -- stage 2 ------------------------------------------------------------------------------------
-    banner("5/6 stage 2: LoRA on the language model + safety modules")
+    banner("5/7 stage 2: LoRA on the language model + safety modules")
     stage2_config = TrainConfig.from_dict({
         **common,
         "stage": 2,
@@ -473,13 +487,20 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
                        train_records=splits["train"], val_records=splits["val"][:128], quiet=not show_progress)
     model = stage2.model.eval()
 
-    banner("6/6 after: the safety-aligned model's answers, report")
+    banner("6/7 after: the safety-aligned model's answers")
     after_answers = generate_answers(
         lambda inputs: model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False),
         processor, test_subset, data_dir, settings, "generating (safe)", progress,
     )
     after = answer_metrics(test_subset, after_answers)
     examples = guarded_examples(model, processor, splits["test"], data_dir, settings)
+    multi_turn = multi_turn_check(model, processor, splits["test"], data_dir, settings)
+
+    banner("7/7 evaluation (safevlm eval: demo_heldout, FigStep + benign control) and report")
+    from safevlm.eval.demo_section import run_demo_evaluation
+
+    evaluation = run_demo_evaluation(model, processor, out, data_dir, settings, model_label=str(out / "base"),
+                                     adapter_label=str(stage2.adapter_dir), show_progress=show_progress)
 
     report = {
         "settings": asdict(settings),
@@ -491,7 +512,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "before": before,
         "after": after,
         "guarded_examples": examples,
-        "multi_turn": multi_turn_check(model, processor, splits["test"], data_dir, settings),
+        "multi_turn": multi_turn,
+        "evaluation": evaluation,
         "samples": [
             {"id": r.id, "risk_type": model.config.taxonomy.type_name(r.risk_type), "risk_level": r.risk_level,
              "prompt": r.prompt, "before": b, "after": a}

@@ -78,6 +78,8 @@ def register(subparsers) -> None:
         help="Clean samples per risky sample (default 3/11, PSA-VLM's stage-1 balance).",
     )
     synth.add_argument("--image-size", type=int, default=224, help="Image side in pixels (default 224).")
+    synth.add_argument("--multi-turn-ratio", type=float, default=None,
+                       help="Share of train/val samples asked as the second user turn of a conversation (default 0.2).")
     synth.set_defaults(func=command_synth)
 
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -108,6 +110,8 @@ def command_synth(args) -> int:
     from safevlm.data.synth import DEFAULT_CLEAN_RATIO, make_synthetic_dataset
 
     clean_ratio = DEFAULT_CLEAN_RATIO if args.clean_ratio is None else args.clean_ratio
-    counts = make_synthetic_dataset(args.out, args.n, args.seed, clean_ratio=clean_ratio, image_size=args.image_size)
+    extra = {} if args.multi_turn_ratio is None else {"multi_turn_ratio": args.multi_turn_ratio}
+    counts = make_synthetic_dataset(args.out, args.n, args.seed, clean_ratio=clean_ratio, image_size=args.image_size,
+                                    **extra)
     print(json.dumps(counts, indent=2))
     return 0

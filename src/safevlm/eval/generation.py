@@ -258,12 +258,18 @@ class EvalSystem:
         goes with the decoding settings (a run resumed in another dtype is another run)."""
         from safevlm.eval.manifest import build_manifest
 
-        return build_manifest(
-            model=self.model_label, adapter=self.adapter_label, policy=self.policy, tasks=tasks,
+        from safevlm.eval.judges.base import stable_hash
+
+        manifest = build_manifest(
+            model=self.model_label, adapter=self.adapter_label, policy=None, tasks=tasks,
             decoding={**self.decoding, "dtype": self.dtype},
             seeds={"torch": self.seed, "per_batch": "seed + crc32(id of the batch's first item)"},
             judges=judges, extra={"mode": self.mode, "device": self.device, **self.extra},
         )
+        if self.policy is not None:  # the resolved policy ('extends' merged), hashed as it acts
+            manifest["policy"] = {"source": self.policy_label, "name": self.policy.name,
+                                  "sha256": stable_hash(self.policy.to_dict())}
+        return manifest
 
 
 def _label(path) -> str:
@@ -276,6 +282,15 @@ def _dtype_name(model) -> str:
     return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
+def check_model_path(model) -> None:
+    """``FileNotFoundError`` for a base that is neither a folder nor ``tiny:<preset>[@seed]``
+    (what :func:`safevlm.loading.load_model_and_processor` refuses too)."""
+    from safevlm.bases import parse_tiny_spec
+
+    if parse_tiny_spec(model) is None and not os.path.isdir(str(model)):
+        raise FileNotFoundError(f"model folder not found: {model}")
+
+
 def load_system(model: str, adapter: "str | None" = None, policy: "str | None" = None, *, device=None,
                 dtype="auto", decoding: dict | None = None, seed: int = 0, allow_base_mismatch: bool = False) -> EvalSystem:
     """Load the system to evaluate with the one loader (:mod:`safevlm.loading`).
@@ -285,10 +300,12 @@ def load_system(model: str, adapter: "str | None" = None, policy: "str | None" =
     * ``adapter`` and ``policy`` (a shipped name or a YAML path): the ``guarded`` system.
     """
     from safevlm.errors import UsageError
-    from safevlm.loading import load_base, load_model_and_processor
+    from safevlm.bases import load_base
+    from safevlm.loading import load_model_and_processor
     from safevlm.policy import load_policy
 
     check_decoding(decoding)  # bad settings fail before the model loads
+    check_model_path(model)
     if adapter is None:
         if policy is not None:
             raise UsageError("--policy needs --adapter: a policy acts on the safety head's output, and the base alone has none")
@@ -338,6 +355,7 @@ __all__ = [
     "allow_all_policy",
     "base_system",
     "check_decoding",
+    "check_model_path",
     "load_system",
     "system_from_model",
 ]

@@ -396,7 +396,8 @@ _TABLE_CACHE: dict = {}  # per worker process: the last parquet row group / data
 def _parquet_row(path: str, row: int, columns: list[str]) -> dict:
     import pyarrow.parquet as pq
 
-    key = ("pq", path)
+    stat = os.stat(path)
+    key = ("pq", path, stat.st_mtime_ns, stat.st_size)  # a file rewritten in place is read again
     cached = _TABLE_CACHE.get(key)
     if cached is None:
         meta = pq.ParquetFile(path)
@@ -419,7 +420,7 @@ def _parquet_row(path: str, row: int, columns: list[str]) -> dict:
 def _hf_row(path: str, row: int, columns: list[str]) -> dict:
     import datasets
 
-    key = ("hf", path)
+    key = ("hf", path, os.stat(os.path.join(path, "state.json")).st_mtime_ns)
     ds = _TABLE_CACHE.get(key)
     if ds is None:
         ds = datasets.load_from_disk(path)

@@ -139,8 +139,15 @@ class SyntheticSection:
     seed: int = _help("Seed of the synthetic data.", default=0)
     clean_ratio: float = _help("Clean samples per risky sample in the generated data.", default=3 / 11)
     image_size: int = _help("Square image side in pixels.", default=112)
+    multi_turn_ratio: float = _help(
+        "Share of train/val samples asked as the second user turn of a conversation (after a benign "
+        "first exchange), so the head learns to read every user turn.",
+        default=0.2,
+    )
 
     def validate(self) -> None:
+        if not 0 <= self.multi_turn_ratio <= 1:
+            raise ConfigError(f"data.synthetic.multi_turn_ratio must be in [0, 1], got {self.multi_turn_ratio}")
         if self.n < 3:
             raise ConfigError(f"data.synthetic.n must be >= 3, got {self.n}")
         if self.clean_ratio < 0:

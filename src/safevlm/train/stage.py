@@ -200,7 +200,8 @@ def ensure_synthetic_dataset(root: Path, syn) -> None:
     from safevlm.data.synth import make_synthetic_dataset
 
     meta = root / "synth.json"
-    wanted = {"n": syn.n, "seed": syn.seed, "clean_ratio": syn.clean_ratio, "image_size": syn.image_size}
+    wanted = {"n": syn.n, "seed": syn.seed, "clean_ratio": syn.clean_ratio, "image_size": syn.image_size,
+              "multi_turn_ratio": syn.multi_turn_ratio}
     if meta.is_file() and (root / "train.jsonl").is_file():
         have = json.loads(meta.read_text())
         if all(have.get(k) == v for k, v in wanted.items()):
@@ -210,7 +211,8 @@ def ensure_synthetic_dataset(root: Path, syn) -> None:
             f"({ {k: have.get(k) for k in wanted} }); delete it or set data.synthetic.dir elsewhere"
         )
     logger.info("writing synthetic dataset (%d samples) to %s", syn.n, root)
-    make_synthetic_dataset(root, n=syn.n, seed=syn.seed, clean_ratio=syn.clean_ratio, image_size=syn.image_size)
+    make_synthetic_dataset(root, n=syn.n, seed=syn.seed, clean_ratio=syn.clean_ratio, image_size=syn.image_size,
+                           multi_turn_ratio=syn.multi_turn_ratio)
 
 
 # ------------------------------------------------------------------------------------ trainer
