@@ -27,7 +27,8 @@
    control set in the same layout; ``report.json``, ``report.md`` and plots.
 
 Everything is deterministic for a seed on CPU. The settings in :class:`DemoSettings` are sized
-so that the whole run takes a few minutes on 2 cores.
+so that the whole run fits on a laptop CPU: about a quarter of an hour on 2 cores (report.md states
+the time the run took).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ CAPTION_PROMPT = "What does the image say?"
 
 @dataclass
 class DemoSettings:
-    """Sizes of each step (defaults: the full demo, a few minutes on 2 CPU cores)."""
+    """Sizes of each step (defaults: the full demo, about a quarter of an hour on 2 CPU cores)."""
 
     seed: int = 0
     n_samples: int = 5000  # synthetic safety samples, all splits

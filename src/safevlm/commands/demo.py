@@ -1,4 +1,4 @@
-"""`safevlm demo`: the main job on the embedded default (the whole method, a few minutes on CPU)."""
+"""`safevlm demo`: the main job on the embedded default (the whole method, about a quarter of an hour on 2 CPU cores)."""
 
 from __future__ import annotations
 
