@@ -257,3 +257,32 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, reco
         run()
     again = run(batch_size=16, overwrite=True)
     assert [s for s, _ in list_checkpoints(again.output_dir)] == [1]  # the old checkpoint-2 is gone
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_group_by_length_batches_similar_lengths_in_training(tmp_path, records, cached):
+    from safevlm.data import SafetyRecord, Turn
+
+    # prompts of 1 to 24 extra words: plain shuffling pads most batches to near the longest
+    varied = [SafetyRecord(r.id, r.image, [Turn("user", r.prompt + " please" * (k % 24)), r.turns[1]], r.risk_level,
+                           r.risk_type, r.source) for k, r in enumerate(records[0])]
+    spreads = {}
+    for grouped in (False, True):
+        model, processor = _fresh()
+        seen = []
+
+        def spy(module, args, kwargs):
+            if module.training:
+                seen.append(kwargs["attention_mask"].sum(1))
+
+        handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+        config = tiny_config(tmp_path / f"{cached}{grouped}", cache={"enabled": cached},
+                             data={"group_by_length": grouped, "balance_types": False},
+                             optim={"epochs": 1}, log={"save_steps": 0, "eval_steps": 0, "plot": False})
+        try:
+            run_stage(config, model=model, processor=processor, train_records=varied)
+        finally:
+            handle.remove()
+        assert sum(len(m) for m in seen) == len(varied)  # every record once per epoch either way
+        spreads[grouped] = sum(int(m.max() - m.min()) for m in seen)
+    assert spreads[True] < 0.5 * spreads[False], spreads

@@ -17,10 +17,11 @@ the same tokens in training and at inference (see ``safevlm.data.chat`` for what
 2. each assistant turn's character span is found by rendering the prefixes before and
    including it; EOS is appended to each where the template does not end turns with it
    (llava-1.5-hf), as in LLaVA's own training data;
-3. the image placeholder is expanded to the number of image features exactly as
-   ``LlavaProcessor`` does, and the text is tokenised once with offsets: tokens inside the
-   trained assistant spans keep their ids as labels, tokens outside every assistant span
-   (image placeholders aside) form the prompt mask.
+3. the image placeholder is expanded to the number of image features exactly as the
+   processor does (:func:`safevlm.backbones.process_images` reads the processor's own count,
+   per image: anyres families give every image size its own), and the text is tokenised once
+   with offsets: tokens inside the trained assistant spans keep their ids as labels, tokens
+   outside every assistant span (image placeholders aside) form the prompt mask.
 
 The model inserts the prefix safety tokens itself, so the batch stays standard LLaVA;
 ``num_prefix_tokens`` only counts against ``max_length``. Text is truncated from the right;
@@ -62,7 +63,9 @@ class SafetyCollator:
       assistant turn, not an image placeholder, not padding (what guarded generation gives the
       head for the same conversation);
     * ``pixel_values``: ``(N_img, 3, H, W)`` float, one per record that has an image, in batch
-      order (absent when no record in the batch has an image);
+      order (absent when no record in the batch has an image); anyres families:
+      ``(N_img, tiles, 3, H, W)`` and the processor's other image tensors beside it
+      (``image_sizes`` ``(N_img, 2)``);
     * ``risk_level``, ``risk_type``: ``(B,)`` long.
     """
 
@@ -144,6 +147,11 @@ class SafetyCollator:
                 input_ids, labels, prompt_mask = input_ids[:budget], labels[:budget], prompt_mask[:budget]
         return {"input_ids": input_ids, "labels": labels, "prompt_mask": prompt_mask}
 
+    def token_length(self, record: SafetyRecord) -> int:
+        """Token length of ``record`` with one placeholder per image: a sort key for grouping
+        batches by length (each image adds the same number of features to every record)."""
+        return len(self.encode(record, 1)["input_ids"])
+
     # ----------------------------------------------------------------- call
 
     def __call__(self, records: Sequence[SafetyRecord]) -> dict:
@@ -151,13 +159,12 @@ class SafetyCollator:
 
         if not records:
             raise ValueError("cannot collate an empty batch")
+        from safevlm.backbones import process_images
+
         images = [open_image(r, self.image_root) for r in records if r.image is not None]
-        pixel_values = None
-        num_image_tokens = 1
-        if images:
-            pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-            num_image_tokens = self.num_image_tokens(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-        encoded = [self.encode(r, num_image_tokens) for r in records]
+        image_inputs = process_images(self.processor, images) if images else None
+        counts = iter(image_inputs.num_tokens if image_inputs is not None else ())
+        encoded = [self.encode(r, next(counts) if r.image is not None else 1) for r in records]
         length = max(len(e["input_ids"]) for e in encoded)
         pad_id = self.tokenizer.pad_token_id
         left = self.tokenizer.padding_side == "left"
@@ -180,8 +187,8 @@ class SafetyCollator:
             "risk_level": torch.tensor([r.risk_level for r in records], dtype=torch.long),
             "risk_type": torch.tensor([r.risk_type for r in records], dtype=torch.long),
         }
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values
+        if image_inputs is not None:
+            batch.update(image_inputs.tensors)  # pixel_values (+ image_sizes, ...)
         return batch
 
 

@@ -327,6 +327,10 @@ class CachedFeatureCollator:
             )
         return hit
 
+    def token_length(self, record) -> int:
+        """Token length of ``record`` as this collator encodes it (encoded once, kept)."""
+        return len(self._encode(record)[0])
+
     def __call__(self, records: list) -> dict:
         if not records:
             raise ValueError("cannot collate an empty batch")

@@ -8,7 +8,8 @@ A recipe has a few top-level keys and one section per concern::
     model:  {base, adapter, processor, torch_dtype, allow_base_mismatch, safety_modules, safety: {...}}
     lora:   {r, alpha, dropout, target_modules}          # stage 2 only
     loss:   {cls_weight, lm_weight}
-    data:   {train, val, format, image_root, max_length, balance_types, clean_ratio, synthetic}
+    data:   {train, val, format, image_root, check_images, max_length, balance_types, clean_ratio,
+             samples_per_epoch, group_by_length, synthetic}
     cache:  {enabled, dir, batch_size}
     optim:  {lr, epochs, max_steps, warmup_steps, batch_size, ..., precision, deepspeed}
     log:    {logging_steps, eval_steps, save_steps, save_total_limit, progress_bar, plot}
@@ -169,6 +170,11 @@ class DataSection:
         default=None,
     )
     samples_per_epoch: int | None = _help("Samples drawn per epoch (default: the training set size).", default=None)
+    group_by_length: bool = _help(
+        "Batch records of similar token length together (less padding, same samples per epoch; "
+        "as Hugging Face's group_by_length).",
+        default=False,
+    )
     synthetic: SyntheticSection | None = _help(
         "Generate a synthetic dataset (safevlm.data.synth) and use its train/val splits.", default=None
     )

@@ -6,6 +6,10 @@ Each epoch draws ``num_samples`` indices: ``clean_ratio / (1 + clean_ratio)`` of
 are taken from successive random permutations, so every record is used before any repeats.
 The order depends only on ``(seed, epoch)``: all ranks of a distributed run draw the same
 sequence (accelerate shards it) and a resumed run redraws exactly the interrupted epoch.
+
+With ``lengths`` and ``batch_size`` the drawn order is grouped by length (:func:`group_by_length`):
+each batch holds records of similar token length, so less of it is padding; which records an
+epoch draws does not change, only how they are batched.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class BalancedRiskSampler(Sampler[int]):
             records uniformly).
         num_samples: indices per epoch (default: the number of records).
         seed: base seed; the epoch is added via :meth:`set_epoch`.
+        lengths: token length of every record (with ``batch_size``: group batches by length).
+        batch_size: the per-device batch size the indices are cut into.
     """
 
     def __init__(
@@ -37,10 +43,20 @@ class BalancedRiskSampler(Sampler[int]):
         balance_types: bool = True,
         num_samples: int | None = None,
         seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int | None = None,
     ):
         self.risk_types = [int(t) for t in risk_types]
         if not self.risk_types:
             raise ValueError("no records to sample from")
+        if (lengths is None) != (batch_size is None):
+            raise ValueError("lengths and batch_size go together (both to group by length, neither to shuffle)")
+        if lengths is not None and len(lengths) != len(self.risk_types):
+            raise ValueError(f"{len(lengths)} lengths for {len(self.risk_types)} records")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = None if lengths is None else [int(n) for n in lengths]
+        self.batch_size = batch_size
         self.safe_type_id = safe_type_id
         self.balance_types = balance_types
         self.seed = seed
@@ -98,7 +114,35 @@ class BalancedRiskSampler(Sampler[int]):
             pool = [i for ids in self.risky_by_type.values() for i in ids] if t == -1 else self.risky_by_type[t]
             chosen.extend(_draw(pool, q, g))
         perm = torch.randperm(len(chosen), generator=g).tolist()
-        return iter([chosen[i] for i in perm])
+        order = [chosen[i] for i in perm]
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.batch_size, g)
+        return iter(order)
+
+
+def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                    mega_batches: int = 50) -> list[int]:
+    """``order`` regrouped so that each run of ``batch_size`` indices has similar lengths.
+
+    The shuffled order is cut into mega-batches of ``mega_batches * batch_size`` indices; each
+    is sorted by ``lengths[i]`` (longest first) and cut into batches; then the batches are
+    shuffled, except that the longest batch of all goes first (memory errors show at step 1).
+    The same indices come out, each once; only the batching changes (as Hugging Face's
+    ``group_by_length``). A last partial batch stays last.
+    """
+    size = mega_batches * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), size):
+        mega = sorted(order[start:start + size], key=lambda i: -lengths[i])
+        batches += [mega[k:k + batch_size] for k in range(0, len(mega), batch_size)]
+    tail = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    if not batches:
+        return [i for b in tail for i in b]
+    longest = max(range(len(batches)), key=lambda k: max(lengths[i] for i in batches[k]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    rest = torch.randperm(len(batches) - 1, generator=generator).tolist()
+    batches = [batches[0]] + [batches[1 + k] for k in rest] + tail
+    return [i for b in batches for i in b]
 
 
 def _draw(pool: list[int], k: int, g: torch.Generator) -> list[int]:
@@ -112,4 +156,4 @@ def _draw(pool: list[int], k: int, g: torch.Generator) -> list[int]:
     return out
 
 
-__all__ = ["BalancedRiskSampler"]
+__all__ = ["BalancedRiskSampler", "group_by_length"]

@@ -437,6 +437,12 @@ def run_stage(
             "balance_types": config.data.balance_types,
             "num_samples": config.data.samples_per_epoch,
         }
+    if config.data.group_by_length:
+        sampler_options = sampler_options or {
+            "safe_type_id": safe_type, "clean_ratio": None, "balance_types": False, "num_samples": None,
+        }
+        sampler_options["lengths"] = [collator.token_length(r) for r in train_records]
+        sampler_options["batch_size"] = args.per_device_train_batch_size
     trainer = SafetyTrainer(
         model=model,
         args=args,

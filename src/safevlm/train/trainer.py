@@ -240,8 +240,8 @@ class SafetyTrainer(Trainer):
         cls_weight: w_cls, the weight of ``level_loss + type_loss``.
         lm_weight: w_lm, the weight of ``lm_loss``; 0 skips the language model entirely.
         sampler_options: keyword arguments of :class:`BalancedRiskSampler` except the records'
-            risk types (``safe_type_id``, ``clean_ratio``, ``balance_types``, ``num_samples``);
-            None means plain shuffling.
+            risk types (``safe_type_id``, ``clean_ratio``, ``balance_types``, ``num_samples``, and
+            ``lengths`` + ``batch_size`` to group batches by length); None means plain shuffling.
 
     ``args.save_total_limit`` is applied by :class:`CheckpointSealer` (after sealing), not by the
     Trainer.
