@@ -19,6 +19,7 @@ LAYERS = [
     {"safevlm.loading", "safevlm.accounting"},
     {"safevlm.guarded"},
     {"safevlm.train", "safevlm.serve", "safevlm.eval", "safevlm.scan", "safevlm.demo"},
+    {"safevlm.annotate"},
     {"safevlm.commands", "safevlm.cli"},
 ]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 # Each module in safevlm.commands defines ``register(subparsers)``, which adds its parser
 # and sets ``func`` to a ``command(args) -> int | None`` function. Keep the list sorted.
 COMMAND_MODULES: tuple[str, ...] = (
+    "annotate",
     "calibrate",
     "chat",
     "classify",

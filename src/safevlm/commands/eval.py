@@ -1,4 +1,4 @@
-"""`safevlm eval run | compare | tasks | sweep | report`: measure a base, base + adapter, base + adapter + policy.
+"""`safevlm eval run | compare | tasks | sweep | report | agreement`: measure a base, base + adapter, base + adapter + policy.
 
 Thin commands over ``safevlm.eval`` (docs/eval.md): every check of a user's input (task
 names, data root, judge flags, policy) happens before the model is loaded.
@@ -136,6 +136,27 @@ def register(subparsers) -> None:
     report.add_argument("run_dir", metavar="RUN_DIR", help="The run folder.")
     report.add_argument("--samples", type=int, default=6, metavar="N", help="Sample answers per task (default 6).")
     report.set_defaults(func=command_report)
+
+    agreement = sub.add_parser(
+        "agreement", help="Agreement between human raters, LLM judges and the safety head, with bootstrap CIs.",
+        description="Percent agreement and Cohen's kappa on the safe/unsafe label, quadratic-weighted kappa on the "
+        "1-10 scores (items both sources rated), Krippendorff's alpha across all raters, each with a bootstrap 95% "
+        "CI over items. Sources: a rater's name, 'humans' (majority of the human raters), 'judge:NAME' and 'head' "
+        "(from --run). Default: humans vs the first judge (else the head).",
+    )
+    agreement.add_argument("--ratings", required=True, metavar="FILE.jsonl|ratings.sqlite",
+                           help="Ratings: JSONL lines {item, rater, label, score, risk_type} or a safevlm annotate store.")
+    agreement.add_argument("--run", default=None, metavar="RUN_DIR",
+                           help="An eval run folder: adds the raters judge:<NAME> and head on the same item ids, and "
+                           "rejects ratings of items that are not answers of this run.")
+    agreement.add_argument("--a", default=None, metavar="SOURCE", help="First source (rater name, humans, judge:NAME, head).")
+    agreement.add_argument("--b", default=None, metavar="SOURCE", help="Second source.")
+    agreement.add_argument("--n-boot", type=int, default=1000, metavar="N", help="Bootstrap resamples (default 1000).")
+    agreement.add_argument("--seed", type=int, default=0, help="Bootstrap seed (default 0).")
+    agreement.add_argument("--out", default=None, metavar="DIR",
+                           help="Write agreement.json, confusion.png (labels) and confusion_scores.png here.")
+    agreement.add_argument("--json", action="store_true", help="Print the numbers as one JSON object.")
+    agreement.set_defaults(func=command_agreement)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -329,4 +350,37 @@ def command_sweep(args) -> int:
     for problem in problems[:10]:
         print(f"skipped: {problem}", file=sys.stderr)
     print(f"\nwrote {out / sw.SWEEP_PNG}, {out / sw.SWEEP_MD}, {out / sw.SWEEP_JSON}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ agreement
+def command_agreement(args) -> int:
+    from pathlib import Path
+
+    from safevlm.eval import agreement as ag
+    from safevlm.eval.ratings import check_items, read_ratings, run_ratings
+
+    if args.n_boot < 1:
+        raise UsageError(f"--n-boot must be >= 1, got {args.n_boot}")
+    if args.out is not None and Path(args.out).is_file():
+        raise UsageError(f"--out {args.out!r} is a file; give a folder")
+    ratings = read_ratings(args.ratings)
+    if args.run is not None:
+        automatic = run_ratings(args.run)
+        check_items(ratings, automatic.items, f"the run {args.run}")
+        ratings = [*ratings, *automatic.ratings]
+    result = ag.compare_sources(ratings, args.a, args.b, n_boot=args.n_boot, seed=args.seed)
+    if args.out is not None:
+        out = Path(args.out)
+        files = [ag.write_confusion_png(result, out / "confusion.png")]
+        if result["n_scores"]:
+            files.append(ag.write_confusion_png(result, out / "confusion_scores.png", field="confusion_scores"))
+        (out / "agreement.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        result["files"] = [str(f) for f in files] + [str(out / "agreement.json")]
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    print(ag.format_table(result))
+    for f in result.get("files", []):
+        print(f"wrote {f}")
     return 0

@@ -13,7 +13,9 @@
 * ``safevlm.eval.report``   — ``report.md`` / ``report.html`` of a run folder;
 * ``safevlm.eval.sweep``    — refuse-threshold sweeps and a policy for a target over-refusal;
 * ``safevlm.eval.calibrate`` — temperature scaling of the safety head, written into the adapter;
-* ``safevlm.eval.demo_section`` — the demo's evaluation (demo_heldout, FigStep, benign control).
+* ``safevlm.eval.demo_section`` — the demo's evaluation (demo_heldout, FigStep, benign control);
+* ``safevlm.eval.ratings``  — human / judge / head ratings (JSONL, annotate store, run folders);
+* ``safevlm.eval.agreement`` — kappa, weighted kappa, Krippendorff's alpha with bootstrap CIs.
 
 See ``docs/eval.md``. Submodules are imported on first use.
 """
