@@ -21,6 +21,10 @@ def test_demo_learns_to_classify_and_refuse(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "stage2" / "adapter" / "lora").is_dir()
     assert (tmp_path / "base" / "config.json").is_file()
+    # the time of each step is in the report (wall and CPU seconds), and adds up to the whole
+    assert [st["step"][:3] for st in report["steps"]] == [f"{k}/7" for k in range(1, 8)]
+    assert abs(sum(st["seconds"] for st in report["steps"]) - report["seconds"]) < 5, report["steps"]
+    assert "## Time per step" in (tmp_path / "report.md").read_text()
 
     # held-out head quality after stage 1
     assert report["stage1"]["type_macro_f1"] >= 0.90, report["stage1"]

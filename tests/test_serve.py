@@ -23,37 +23,19 @@ from guarded_fixtures import count_calls, scripted_guard
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from safevlm.model import SafeVLM
 from safevlm.policy import Policy
-from safevlm.serve import Engine, ServerSettings, create_app
+from safevlm.serve import Engine, ServerSettings, create_app, serve_in_thread
 
 KEY = "test-key"
 MODEL = "tiny"
 
 
-@contextlib.contextmanager
 def running(app, timeout: float = 20.0):
     """Serve ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
+    return serve_in_thread(app, timeout=timeout)
 
 
 def png_bytes(image) -> bytes:

@@ -1,4 +1,4 @@
-"""Full-scale parameter accounting without weights: real LLaVA architectures on the meta device."""
+"""Full-scale parameter accounting without weights: real VLM architectures on the meta device."""
 
 from __future__ import annotations
 
@@ -10,6 +10,71 @@ KNOWN_BASES = {
     "llava-1.5-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
     "llava-1.5-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40},
 }
+
+
+
+def _llava_next_mistral_7b():
+    """llava-hf/llava-v1.6-mistral-7b-hf, its config.json typed in: CLIP ViT-L/14-336 tiles
+    (anyres pinpoints 1x2 / 2x1 / 2x2 / 3x1 / 1x3 of 336), Mistral-7B-Instruct-v0.2 LM with a
+    32064-token vocabulary. Published: 7,566,747,648 parameters."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
+
+    text = MistralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32064, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768, vocab_size=32000,
+    )
+    return LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    )
+
+
+def _llava_onevision_qwen2_7b():
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf, its config.json typed in: SigLIP-so400m tiles
+    (26 layers, 384 px, patch 14, no head; anyres pinpoints up to 6x6 tiles of 384,
+    ``anyres_max_9``), Qwen2-7B-Instruct LM with a 152128-token vocabulary (151646 <image>,
+    151647 <video>). Published: 8.03B parameters; counted here: 8,030,807,584."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152128, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+        image_size=384, patch_size=14, vision_use_head=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=151646, video_token_index=151647,
+        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False,
+        image_grid_pinpoints=[[r * 384, c * 384] for r in range(1, 7) for c in range(1, 7)],
+    )
+
+
+# Other families' 7B-class releases (sources: each release's config.json on the Hugging Face hub,
+# as quoted in the builders' docstrings), by the name `safevlm params --base` takes.
+RELEASES = {
+    "llava-v1.6-mistral-7b": _llava_next_mistral_7b,
+    "llava-onevision-qwen2-7b-ov": _llava_onevision_qwen2_7b,
+}
+
+
+def known_base_config(name: str):
+    """The config of a known architecture: a LLaVA-1.5 size or a release in :data:`RELEASES`."""
+    if name in RELEASES:
+        return RELEASES[name]()
+    if name in KNOWN_BASES:
+        return llava_config(name)
+    raise ValueError(f"unknown base {name!r}; known: {', '.join(sorted([*KNOWN_BASES, *RELEASES]))}")
+
 
 # Paper settings for the safety modules (PSA-VLM): 64 head queries, 64 prefix tokens.
 PAPER_SAFETY_SETTINGS = {"num_query_tokens": 64, "num_prefix_tokens": 64, "projector_kind": "mlp"}
@@ -32,23 +97,31 @@ def llava_config(name: str):
     )
 
 
-def account(base_config, **safety_overrides) -> dict:
+def account(base_config, guard_only: bool = False, **safety_overrides) -> dict:
     """Build base + safety modules on the meta device and count parameters.
 
     Returns ``base_params``, ``safety_params``, ``ratio`` (safety / base), ``modules``
     (name -> count) and ``adapter_bytes_bf16`` (safety parameters and buffers at 2 bytes each).
+
+    ``guard_only`` adds what a guard-only load holds (:func:`safevlm.bases.drop_language_model`:
+    vision tower, token embeddings, safety modules) against the full model (base + safety
+    modules): ``guard_only_params``, ``guard_only_modules`` (part -> count),
+    ``full_params``, ``guard_only_share`` (guard-only / full), and both sizes at 2 bytes per
+    parameter, ``guard_only_bytes_bf16`` / ``full_bytes_bf16``.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
 
+    from safevlm.backbones import get_backbone_class
+
+    from safevlm.bases import drop_language_model, guard_modules
     from safevlm.model import SafeVLM
 
     with torch.device("meta"):
-        base = LlavaForConditionalGeneration(base_config)
+        base = get_backbone_class(base_config).model_class()(base_config)
         model = SafeVLM(base, SafetyConfig.from_base_config(base_config, **safety_overrides))
     counts = model.count_parameters()
     adapter_elements = sum(t.numel() for t in model.safety_state_dict().values())
-    return {
+    result = {
         "base_params": counts["base_params"],
         "safety_params": counts["safety_params"],
         "ratio": counts["safety_params"] / counts["base_params"],
@@ -56,6 +129,23 @@ def account(base_config, **safety_overrides) -> dict:
         "adapter_bytes_bf16": 2 * adapter_elements,
         "safety_config": model.config.to_dict(),
     }
+    if guard_only:
+        full = counts["base_params"] + counts["safety_params"]
+        drop_language_model(base)  # on the meta device: what a guard-only load keeps
+        parts = {name: sum(p.numel() for p in module.parameters()) for name, module in guard_modules(base).items()}
+        guard = sum(p.numel() for p in model.parameters())
+        if guard != sum(parts.values()) + counts["safety_params"]:  # pragma: no cover - a part guard_modules misses
+            raise RuntimeError(f"guard-only base holds {guard - counts['safety_params']} parameters, "
+                               f"its guard parts {sum(parts.values())}")
+        result.update({
+            "guard_only_params": guard,
+            "guard_only_modules": {**parts, "safety_modules": counts["safety_params"]},
+            "full_params": full,
+            "guard_only_share": guard / full,
+            "guard_only_bytes_bf16": 2 * guard,
+            "full_bytes_bf16": 2 * full,
+        })
+    return result
 
 
-__all__ = ["KNOWN_BASES", "PAPER_SAFETY_SETTINGS", "account", "llava_config"]
+__all__ = ["KNOWN_BASES", "PAPER_SAFETY_SETTINGS", "RELEASES", "account", "known_base_config", "llava_config"]

@@ -14,6 +14,10 @@ import os
 import re
 from pathlib import Path
 
+from torch import nn
+
+from safevlm.backbones import BACKBONES
+
 logger = logging.getLogger("safevlm.loading")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -61,7 +65,7 @@ def resolve_dtype(dtype, device):
 
 
 def _model_device(model):
-    return model.get_output_embeddings().weight.device
+    return model.get_input_embeddings().weight.device
 
 
 # -------------------------------------------------------------------------------- fingerprint
@@ -69,9 +73,7 @@ def _model_device(model):
 # checkpoint keys of every layout (4.57's and 5.x's in memory, the hub's legacy names on disk).
 # None of them is a LoRA target (LoRA goes on the language model's linear layers), so a merged
 # model keeps its base's fingerprint.
-FINGERPRINT_TENSORS = {
-    "llava": ("embed_tokens.weight", "patch_embedding.weight", "multi_modal_projector.linear_1.weight"),
-}
+FINGERPRINT_TENSORS = {model_type: cls.fingerprint_tensors for model_type, cls in BACKBONES.items()}  # from each family
 FINGERPRINT_VERSION = "v1"
 _SAMPLE_ROWS, _SAMPLE_COLUMNS = 16, 256
 _RECORD_ATTR = "_safevlm_fingerprint"  # on a loaded base: (checkpoint fingerprint, in-memory fingerprint)
@@ -251,9 +253,204 @@ def check_base_signature(config, base_config, source: str) -> None:
 
     expected = SafetyConfig.from_base_config(base_config).base_signature()
     got = config.base_signature()
+    if got["base_model_type"] != expected["base_model_type"]:
+        def name(model_type):
+            cls = BACKBONES.get(model_type)
+            return f"{model_type} ({cls.model_class_name})" if cls else repr(model_type)
+
+        raise ValueError(
+            f"{source} was made for a {name(got['base_model_type'])} base, but this base is "
+            f"{name(expected['base_model_type'])}: safety modules do not carry over between model "
+            "families; train an adapter on this base"
+        )
     if got != expected:
         diff = ", ".join(f"{k}: {got[k]} here vs {expected[k]} in the base" for k in got if got[k] != expected[k])
         raise ValueError(f"{source} was made for a base of another shape ({diff})")
+
+
+# ---------------------------------------------------------------------------- guard-only bases
+# `SafeVLM.guard` reads two parts of a base: the vision tower (once per image) and the token
+# embedding table (the prompt tokens the head attends over). The base projector, the language
+# model's decoder layers, its final norm and the LM head are never read by guard (the safety
+# projector takes the vision features directly), so a guard-only base leaves them out.
+
+# Checkpoint names, rewritten to one canonical name: (pattern, replacement) applied in order to
+# a tensor's name on disk, in memory and in a peft adapter. Every family here is a LLaVA-style
+# transformers model, so one set serves them all: the hub's layout (`language_model.model.*`,
+# `vision_tower.vision_model.*`, `image_newline`), 4.57's in-memory one
+# (`model.vision_tower.vision_model.*`) and 5.x's (`model.vision_tower.*`) meet on
+# `language_model.*` / `vision_tower.*`.
+_LLAVA_STYLE_ALIASES = (
+    (r"^base_model\.model\.", ""),
+    (r"^model\.", ""),
+    (r"^language_model\.model\.", "language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^vision_tower\.vision_model\.", "vision_tower."),
+)
+CHECKPOINT_ALIASES = {model_type: _LLAVA_STYLE_ALIASES for model_type in BACKBONES}
+_GUARD_ONLY_ATTR = "_safevlm_guard_only"  # on a guard-only base: True
+
+
+class GuardOnlyError(RuntimeError):
+    """A model loaded guard-only was asked for something that needs its language model."""
+
+
+class DroppedModule(nn.Module):
+    """Stands where a guard-only load left a part of the base out: it holds no parameters, and
+    calling it (or reading a weight from it) says so."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.dropped_name = name
+
+    def _message(self) -> str:
+        return (f"{self.dropped_name} was not loaded: this base was loaded guard-only (guard_only=True), "
+                "which keeps only the vision tower and the token embeddings; load it without "
+                "guard_only to run the language model")
+
+    def forward(self, *args, **kwargs):
+        raise GuardOnlyError(self._message())
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            raise AttributeError(f"{name!r}: {self._message()}") from None
+
+    def extra_repr(self) -> str:
+        return f"dropped: {self.dropped_name}"
+
+
+def is_guard_only(model) -> bool:
+    """True for a base (or a peft model around one) loaded guard-only."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, _GUARD_ONLY_ATTR, False))
+
+
+def guard_modules(model) -> dict:
+    """The parts of a base that guard reads: ``{"vision_tower": module, "token_embeddings": module}``."""
+    from safevlm.backbones import get_backbone
+
+    backbone = get_backbone(model)
+    return {"vision_tower": backbone.vision_tower, "token_embeddings": backbone.model.get_input_embeddings()}
+
+
+def drop_language_model(model):
+    """Make ``model`` (a base, in place) guard-only: every submodule that holds none of
+    :func:`guard_modules` is replaced by a parameterless :class:`DroppedModule`, which raises
+    :class:`GuardOnlyError` when called. For LLaVA that is the base projector, the decoder
+    layers, the final norm, the rotary embedding and the LM head. Returns ``model``."""
+    keep = {id(m) for m in guard_modules(model).values()}
+    # qualified names of the kept modules and of every module above one of them
+    above = set()
+    for name, module in model.named_modules():
+        if id(module) in keep:
+            parts = name.split(".")
+            above.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+
+    def prune(module, prefix):
+        for child_name, child in list(module.named_children()):
+            name = f"{prefix}{child_name}"
+            if id(child) in keep:
+                continue
+            if name in above:
+                prune(child, name + ".")
+            else:
+                setattr(module, child_name, DroppedModule(name))
+
+    prune(model, "")
+    setattr(model, _GUARD_ONLY_ATTR, True)
+    return model
+
+
+def canonical_name(model_type: str | None, name: str) -> str:
+    """A tensor's name with the family's :data:`CHECKPOINT_ALIASES` applied: the same for its
+    checkpoint key on disk (any layout), its parameter name in memory and its peft key."""
+    for pattern, replacement in CHECKPOINT_ALIASES.get(model_type, ()):
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _load_guard_only_folder(path: str, config, dtype, device):
+    """A guard-only base from a folder of safetensors weights (sharded or not).
+
+    The base is built on the meta device (no memory), made guard-only
+    (:func:`drop_language_model`), and then only its remaining tensors (vision tower, token
+    embeddings) are read from the checkpoint with ``safe_open``: the other tensors are never
+    read, and never allocated.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    from safevlm.backbones import get_backbone_class
+    from safevlm.compat import quiet_loading
+    from safevlm.errors import UsageError
+
+    files = _weight_files(Path(path))
+    if files is None:
+        raise UsageError(f"{path}: guard-only loading reads safetensors weights (model.safetensors or "
+                         "model.safetensors.index.json), and the folder has none")
+    with init_empty_weights(include_buffers=False), quiet_loading():  # buffers are real, parameters meta
+        model = get_backbone_class(config).model_class()(config)
+    drop_language_model(model)
+    model_type = getattr(config, "model_type", None)
+    on_disk = {canonical_name(model_type, key): key for key in files}
+    wanted = {name: canonical_name(model_type, name) for name in model.state_dict()}
+    missing = sorted(name for name, canonical in wanted.items() if canonical not in on_disk)
+    if missing:
+        raise UsageError(f"{path}: the checkpoint has no tensor for {len(missing)} of the guard's weights "
+                         f"(e.g. {', '.join(missing[:3])})")
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, canonical in wanted.items():
+        by_file.setdefault(files[on_disk[canonical]], []).append(name)
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(file), "pt") as f:
+            for name in names:
+                state[name] = f.get_tensor(on_disk[wanted[name]]).to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # pragma: no cover - a family whose guard parts hold tensors outside the checkpoint
+        raise RuntimeError(f"guard-only load of {path} left {len(left)} tensors unloaded: {left[:3]}")
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model
+
+
+def check_guard_lora(base, lora_dir: str | os.PathLike) -> None:
+    """Refuse to load guard-only with a peft adapter that changes what guard reads.
+
+    A guard-only load leaves the LoRA adapter out, which is exact when its tensors all lie in
+    parts guard never runs (safevlm's stage-2 LoRA: the language model's linear layers, see
+    ``safevlm.train.stage.lora_target_regex``). Only the adapter's tensor names are read.
+    Raises ValueError naming the tensors that touch the vision tower or the token embeddings
+    (LoRA, ``modules_to_save`` or trainable tokens there).
+    """
+    from safetensors import safe_open
+
+    lora_dir = Path(lora_dir)
+    weights = lora_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{lora_dir}: no adapter_model.safetensors (guard-only loading reads only safetensors adapters)")
+    inner = base.get_base_model() if hasattr(base, "get_base_model") else base
+    model_type = getattr(inner.config, "model_type", None)
+    kept = [canonical_name(model_type, _qualified_name(inner, module) + ".") for module in guard_modules(inner).values()]
+    with safe_open(str(weights), "pt") as f:
+        keys = list(f.keys())
+    touching = sorted(key for key in keys if any(canonical_name(model_type, key).startswith(k) for k in kept))
+    if touching:
+        raise ValueError(
+            f"{weights}: {len(touching)} LoRA tensors change parts the guard reads (e.g. {', '.join(touching[:3])}); "
+            "a guard-only load leaves the LoRA out, so its guard would differ from the full model's. "
+            "Load the model without guard_only"
+        )
+
+
+def _qualified_name(root, module) -> str:
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}")  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------ the base
@@ -267,19 +464,20 @@ def load_processor(path: str | os.PathLike):
     return AutoProcessor.from_pretrained(str(path), **processor_load_kwargs())
 
 
-def _load(base, dtype, device, trust_remote_code: bool, want_processor: bool):
+def _load(base, dtype, device, trust_remote_code: bool, want_processor: bool, guard_only: bool = False):
     """(base model, processor or None) in the resolved dtype on the resolved device, with its
-    checkpoint fingerprint recorded."""
-    from torch import nn
-
+    checkpoint fingerprint recorded. ``guard_only``: only what guard reads (see
+    :func:`drop_language_model`); a folder's other tensors are never read."""
     from safevlm.compat import quiet_loading
     from safevlm.devices import resolve_device
 
     if isinstance(base, nn.Module):
+        if guard_only and not is_guard_only(base):
+            drop_language_model(base)  # in place: the caller's model loses its language model
         if device is not None:
             device = resolve_device(device)
         target = resolve_dtype(dtype, device if device is not None else _model_device(base))
-        if base.get_output_embeddings().weight.dtype != target:
+        if base.get_input_embeddings().weight.dtype != target:
             checkpoint = base_fingerprint(base)  # before rounding to another dtype
             base.to(dtype=target)
             _record_fingerprint(base, checkpoint)
@@ -295,11 +493,13 @@ def _load(base, dtype, device, trust_remote_code: bool, want_processor: bool):
 
         model, processor = build_tiny(*tiny)
         checkpoint = _memory_fingerprint(model)  # as built, in float32
+        if guard_only:
+            drop_language_model(model)  # built whole (it is tiny), then the language model goes
         model.to(device=device, dtype=target)
         _record_fingerprint(model, checkpoint)
         return model, processor
 
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
     from safevlm.backbones import get_backbone_class
 
@@ -307,8 +507,12 @@ def _load(base, dtype, device, trust_remote_code: bool, want_processor: bool):
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     get_backbone_class(config)  # a clear error for unsupported families before loading weights
     checkpoint = folder_fingerprint(path, config) if os.path.isdir(path) else None
+    if guard_only:
+        model = _load_guard_only_folder(path, config, target, device)
+        _record_fingerprint(model, checkpoint)
+        return model, (load_processor(path) if want_processor else None)
     with quiet_loading():
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = get_backbone_class(config).model_class().from_pretrained(
             path, config=config, dtype=target, trust_remote_code=trust_remote_code
         )
     model.to(device)
@@ -317,15 +521,19 @@ def _load(base, dtype, device, trust_remote_code: bool, want_processor: bool):
     return model, (load_processor(path) if want_processor else None)
 
 
-def load_base_model(base, dtype="auto", device=None, trust_remote_code: bool = False):
-    """A base model (no processor): a folder, a hub id, ``tiny:<preset>[@seed]`` or a model."""
-    return _load(base, dtype, device, trust_remote_code, want_processor=False)[0]
+def load_base_model(base, dtype="auto", device=None, trust_remote_code: bool = False, guard_only: bool = False):
+    """A base model (no processor): a folder, a hub id, ``tiny:<preset>[@seed]`` or a model.
+    ``guard_only``: only the parts guard reads (:func:`drop_language_model`)."""
+    return _load(base, dtype, device, trust_remote_code, want_processor=False, guard_only=guard_only)[0]
 
 
-def load_base(base, dtype="auto", device=None, processor=None, trust_remote_code: bool = False):
+def load_base(base, dtype="auto", device=None, processor=None, trust_remote_code: bool = False,
+              guard_only: bool = False):
     """(base model, processor). ``processor``: a folder to load it from, a processor object,
-    or None for the base's own (None for a model passed in without one)."""
-    model, own = _load(base, dtype, device, trust_remote_code, want_processor=processor is None)
+    or None for the base's own (None for a model passed in without one). ``guard_only``: only
+    the parts guard reads (:func:`drop_language_model`)."""
+    model, own = _load(base, dtype, device, trust_remote_code, want_processor=processor is None,
+                       guard_only=guard_only)
     if processor is None:
         return model, own
     if isinstance(processor, (str, os.PathLike)):
@@ -390,13 +598,21 @@ def stored_dtype(base):
 
 __all__ = [
     "BaseMismatchError",
+    "CHECKPOINT_ALIASES",
     "DTYPES",
     "DTYPE_HELP",
+    "DroppedModule",
     "FINGERPRINT_TENSORS",
+    "GuardOnlyError",
     "base_fingerprint",
+    "canonical_name",
     "check_adapter_base",
     "check_base_signature",
+    "check_guard_lora",
+    "drop_language_model",
     "folder_fingerprint",
+    "guard_modules",
+    "is_guard_only",
     "load_base",
     "load_base_model",
     "load_lora",

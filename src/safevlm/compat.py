@@ -58,6 +58,16 @@ def clip_image_processor_class():
     return tf.CLIPImageProcessorPil if TRANSFORMERS_MAJOR >= 5 else tf.CLIPImageProcessor
 
 
+def pil_image_processor_class(name: str):
+    """The PIL image processor class named ``name`` (e.g. ``"LlavaNextImageProcessor"``):
+    ``{name}Pil`` on 5.x (where ``{name}`` is the torchvision one), ``{name}`` on 4.57 (the PIL
+    one there). Both save under the base name, so ``AutoProcessor`` with
+    :func:`processor_load_kwargs` loads the PIL one back on either line."""
+    import transformers as tf
+
+    return getattr(tf, f"{name}Pil") if TRANSFORMERS_MAJOR >= 5 else getattr(tf, name)
+
+
 # Warnings that transformers or peft raise from inside their own calls while we load a model;
 # nothing on our side can avoid them. 5.x: peft reads the deprecated `is_gradient_checkpointing`
 # whenever it wraps a model (PeftModel.from_pretrained, get_peft_model).
@@ -88,6 +98,7 @@ __all__ = [
     "TRANSFORMERS_MAJOR",
     "TRANSFORMERS_VERSION",
     "clip_image_processor_class",
+    "pil_image_processor_class",
     "processor_load_kwargs",
     "quiet_loading",
     "training_arguments",

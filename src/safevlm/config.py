@@ -55,8 +55,8 @@ class SafetyConfig:
     )
     num_safety_features: int | None = _help(
         "M, the number of safety features per image that the projector outputs. 'mlp' keeps the "
-        "N image features (leave None: filled in from the base); 'cabstractor' needs a square "
-        "number (default 64).",
+        "N image features (leave None: filled in from the base; stays None on bases whose images "
+        "give variable numbers of features); 'cabstractor' needs a square number (default 64).",
         default=None,
     )
     cabstractor_depth: int = _help("Residual conv blocks before and after pooling (cabstractor).", default=2)
@@ -91,6 +91,12 @@ class SafetyConfig:
     vision_feature_layer: int | list[int] = _help("Vision layer(s) the features come from.", default=-2)
     vision_feature_select_strategy: str = _help("'default' drops the CLS feature, 'full' keeps it.", default="default")
     image_token_id: int = _help("Token id of the image placeholder in input_ids.", default=-1)
+    variable_image_features: bool = _help(
+        "Whether the base gives each image its own number of features (anyres tiles, dynamic "
+        "resolution); then num_image_features counts one vision-tower crop, the 'mlp' projector "
+        "keeps every feature of each image with a mask, and 'cabstractor' pools each image's own grid.",
+        default=False,
+    )
 
     # -- the exact base (written by SafeVLM.save_pretrained) -----------------------------------
     base_fingerprint: str | None = _help(
@@ -115,6 +121,13 @@ class SafetyConfig:
             if self.num_safety_features < 1 or side * side != self.num_safety_features:
                 raise ValueError(
                     f"cabstractor needs a square num_safety_features (e.g. 16, 64, 144), got {self.num_safety_features}"
+                )
+        elif self.variable_image_features:
+            if self.num_safety_features is not None:
+                raise ValueError(
+                    f"the 'mlp' projector keeps every feature of each image (their number varies on a "
+                    f"{self.base_model_type} base); num_safety_features={self.num_safety_features} needs "
+                    "projector_kind='cabstractor'"
                 )
         elif self.num_safety_features is not None and self.num_image_features and (
             self.num_safety_features != self.num_image_features

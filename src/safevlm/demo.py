@@ -179,6 +179,7 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     from safevlm.backbones import causal_lm_loss, get_backbone
     from safevlm.data import SafetyRecord, Turn
     from safevlm.data.collator import SafetyCollator
+    from safevlm.train.sampler import group_by_length
     from safevlm.train.trainable import set_trainable
 
     rng = random.Random(settings.seed + 2)
@@ -204,7 +205,10 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     steps = settings.lm_epochs * ((len(samples) + bs - 1) // bs)
     opt = torch.optim.AdamW(params, lr=settings.lm_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lm_lr, total_steps=steps, pct_start=0.1)
-    # The vision tower is frozen: compute its features once.
+    # Batches of similar length (less padding); the vision tower is frozen: its features once.
+    order = group_by_length(list(range(len(samples))), [collator.token_length(s) for s in samples], bs,
+                            torch.Generator().manual_seed(settings.seed))
+    samples = [samples[i] for i in order]
     batches = []
     with torch.no_grad():
         for i in range(0, len(samples), bs):
@@ -387,6 +391,10 @@ def _markdown(report: dict) -> str:
                   f"* benign requests allowed as a first turn, still allowed as the second: "
                   f"{multi['benign_second_turn_allowed']} (of {multi['n_benign_allowed_first_turn']})"]
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report["plots"]), ""]
+    if report.get("steps"):
+        lines += ["## Time per step", "", "| step | wall s | CPU s |", "|---|---|---|"]
+        lines += [f"| {st['step']} | {st['seconds']:.0f} | {st['cpu_seconds']:.0f} |" for st in report["steps"]]
+        lines.append("")
     if report.get("evaluation"):
         lines += [report["evaluation"]["markdown"].rstrip(), ""]
     return "\n".join(lines)
@@ -415,9 +423,16 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     def progress(**kwargs):
         return tqdm(disable=not show_progress, dynamic_ncols=True, **kwargs)
 
+    steps: list[dict] = []  # wall and CPU seconds of each step, for the report
+
     def banner(text):
-        if show_progress:
-            print(f"\n== {text} ({time.time() - start:.0f} s)", flush=True)
+        now, cpu = time.time() - start, time.process_time()
+        if steps:
+            steps[-1].update(seconds=round(now - steps[-1].pop("_start"), 1), cpu_seconds=round(cpu - steps[-1].pop("_cpu"), 1))
+        if text is not None:
+            steps.append({"step": text, "_start": now, "_cpu": cpu})
+        if show_progress and text is not None:
+            print(f"\n== {text} ({now:.0f} s)", flush=True)
 
     # -- 1. base ------------------------------------------------------------------------------------
     banner("1/7 tiny base model + synthetic safety data")
@@ -451,7 +466,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     common = {
         "seed": settings.seed,
         "overwrite": True,
-        "data": {"image_root": str(data_dir), "check_images": False, "balance_types": True, "clean_ratio": None},
+        "data": {"image_root": str(data_dir), "check_images": False, "balance_types": True, "clean_ratio": None,
+                 "group_by_length": True},
         "cache": {"enabled": True, "dir": str(out / "feature_cache")},
         "log": {"logging_steps": 10, "eval_steps": -1, "save_steps": -1, "save_total_limit": 1},
     }
@@ -522,6 +538,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         ],
     }
     report["plots"] = _plots(out, report, type_true, type_pred, list(model.config.type_names))
+    banner(None)
+    report["steps"] = steps
     report["seconds"] = round(time.time() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))

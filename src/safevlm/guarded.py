@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from safevlm.backbones import process_images
 from safevlm.data.chat import EncodedChat, build_messages, encode_chat, render_chat
 from safevlm.policy import Decision, Policy, PolicyOverrides, load_policy
 
@@ -144,13 +145,17 @@ def render(processor, messages: list[dict]) -> str:
 
 # -- tensors ------------------------------------------------------------------------------------------------
 def _device(model) -> torch.device:
-    return model.backbone.lm_head.weight.device
+    return model.device  # SafeVLM.device: also there when the model was loaded guard-only
 
 
-def encode(model, processor, messages: list[dict]) -> EncodedChat:
+def encode(model, processor, messages: list[dict], num_image_tokens: int | None = None) -> EncodedChat:
     """One conversation as the model reads it (generation prompt on, the image placeholder
-    expanded to the model's number of image features): :func:`safevlm.data.chat.encode_chat`."""
-    return encode_chat(processor, messages, model.config.num_image_features, add_generation_prompt=True)
+    expanded to ``num_image_tokens``, by default the model's number of image features; bases
+    whose images differ in size pass each image's count from
+    :func:`safevlm.backbones.process_images`): :func:`safevlm.data.chat.encode_chat`."""
+    if num_image_tokens is None:
+        num_image_tokens = model.config.num_image_features
+    return encode_chat(processor, messages, num_image_tokens, add_generation_prompt=True)
 
 
 def pad_left(model, processor, encoded: Sequence[EncodedChat]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,9 +214,15 @@ class _Batch:
             raise ValueError(f"got {len(self.overrides)} overrides for {n} inputs")
         for ov in self.overrides:  # a request asking for more than the deployment allows fails before any work
             policy.check_overrides(ov)
+        image_idx = [i for i, im in enumerate(self.images) if im is not None]
+        self.vision_row = {i: r for r, i in enumerate(image_idx)}
+        # the processor's tensors and each image's token count (anyres bases: per image size)
+        image_inputs = process_images(processor, [self.images[i] for i in image_idx]) if image_idx else None
+        self.image_tokens = [None if im is None else image_inputs.num_tokens[self.vision_row[i]]
+                             for i, im in enumerate(self.images)]
         self.messages: list[list[dict] | None] = []
         self.encoded: list[EncodedChat | None] = []  # the tokens the head (and, if unhinted, the LLM) reads
-        for image, prompt in zip(self.images, self.prompts):
+        for image, prompt, image_tokens in zip(self.images, self.prompts, self.image_tokens):
             if prompt is None:
                 if not allow_no_prompt or image is None:
                     raise ValueError("each input needs a prompt" if not allow_no_prompt else "an input needs an image or a prompt")
@@ -220,19 +231,16 @@ class _Batch:
                 continue
             messages = build_messages(prompt, image is not None)
             self.messages.append(messages)
-            self.encoded.append(encode(model, processor, messages))
+            self.encoded.append(encode(model, processor, messages, image_tokens or 1))
         # groups that can share one head / generate call: the head needs one image per sample
         # or none, and a sample without a prompt reads the image alone
         self.groups: dict[str, list[int]] = {}
         for i, (image, encoded) in enumerate(zip(self.images, self.encoded)):
             key = "image" if image is not None and encoded is not None else ("image_only" if encoded is None else "text")
             self.groups.setdefault(key, []).append(i)
-        image_idx = [i for i, im in enumerate(self.images) if im is not None]
-        self.vision_row = {i: r for r, i in enumerate(image_idx)}
         self.vision_features = None
-        if image_idx:
-            pixels = pixel_values(processor, [self.images[i] for i in image_idx]).to(_device(model))
-            self.vision_features = model.encode_images(pixels)  # the one vision pass
+        if image_inputs is not None:
+            self.vision_features = model.encode_images(**image_inputs.to(_device(model)).tensors)  # the one vision pass
         self.decisions: list[Decision | None] = [None] * n
         self.safety_states: list = [None] * n  # the head's safety_state per input, reused by generate
         self.prompt_tokens = [0] * n
@@ -353,7 +361,7 @@ def _generate(batch: _Batch, keep: list[int], results: list, generation_kwargs: 
             decision = batch.decisions[i]
             if decision.action == "hint":
                 hinted = insert_hint(batch.messages[i], decision.hint, policy.hint_position)
-                encoded.append(encode(model, processor, hinted))
+                encoded.append(encode(model, processor, hinted, batch.image_tokens[i] or 1))
             else:
                 encoded.append(batch.encoded[i])
         tokens = pad_left(model, processor, encoded)[:2]

@@ -6,11 +6,14 @@ safety modules (plus, after stage 2, a LoRA adapter in peft's own format under `
 
 One vision pass per image feeds the base projector, the safety projector and generation::
 
-    V = vision_tower(pixels)                  # (B, N, Dv), once
-    image_embeds = base_projector(V)          # (B, N, D)  -> LLM input
-    S = safety_projector(V)                   # (B, M, Ds) -> safety head
+    V = vision_tower(pixels)                  # (B, N, Dv), once (N per image may vary: tiles, dynamic size)
+    image_embeds = base_projector(V)          # (B, N, D)  -> LLM input, laid out as the base does
+    S = safety_projector(V)                   # (B, M, Ds) -> safety head (masked where N varies)
     [level, type] = head(queries; [S ; prompt token embeddings])
     LLM([text before image ; P prefix tokens ; image_embeds ; text after])
+
+Everything family-specific goes through the base's backbone view
+(:mod:`safevlm.backbones.base` states the hooks): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safevlm.backbones import causal_lm_loss, get_backbone, position_ids_from_mask
-from safevlm.bases import check_base_signature
+from safevlm.backbones import PREFIX_TOKEN_ID, VisionFeatures, causal_lm_loss, get_backbone, position_ids_from_mask
+from safevlm.bases import GuardOnlyError, check_base_signature, is_guard_only
 from safevlm.config import SafetyConfig
 from safevlm.modules import PrefixSafetyTokens, SafetyHead, build_safety_projector
 
@@ -58,6 +61,19 @@ class SafeVLMOutput:
 
 
 @dataclass
+class LanguageInputs:
+    """What the language model reads: inputs_embeds (B, L+P, D), attention_mask (B, L+P), labels
+    (B, L+P) or None, input_ids (B, L+P) with ``PREFIX_TOKEN_ID`` at the prefix tokens, and the
+    backbone's :class:`~safevlm.backbones.Positions` for them."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    input_ids: torch.Tensor
+    positions: object
+
+
+@dataclass
 class GuardOutput:
     """Outputs of :meth:`SafeVLM.guard`: probabilities (B, num_levels) / (B, num_types), the
     argmax ids (B,), and for reuse in generation the vision features (num_images, N, Dv) and
@@ -69,7 +85,7 @@ class GuardOutput:
     type_probs: torch.Tensor
     risk_level: torch.LongTensor
     risk_type: torch.LongTensor
-    vision_features: torch.Tensor | None = None
+    vision_features: "torch.Tensor | VisionFeatures | None" = None
     safety_state: torch.Tensor | None = None
 
 
@@ -77,7 +93,11 @@ class SafeVLM(nn.Module):
     """A base VLM wrapped with safety modules.
 
     Args:
-        base_model: a loaded ``LlavaForConditionalGeneration`` (or a peft model around one).
+        base_model: a loaded base of a supported family (``LlavaForConditionalGeneration``,
+            ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``;
+            see :mod:`safevlm.backbones`), or a peft model around one,
+            whole or guard-only (:func:`safevlm.bases.drop_language_model`: then only
+            :meth:`guard` runs, and :attr:`guard_only` is True).
         config: a bound :class:`SafetyConfig`; by default built from the base's config.
     """
 
@@ -94,10 +114,28 @@ class SafeVLM(nn.Module):
         self.safety_projector = build_safety_projector(config)
         self.safety_head = SafetyHead(config)
         self.prefix_tokens = PrefixSafetyTokens(config)
-        ref = self.backbone.lm_head.weight
+        ref = self.backbone.model.get_input_embeddings().weight
         self.safety_projector.to(device=ref.device)
         self.safety_head.to(device=ref.device)
         self.prefix_tokens.to(device=ref.device)
+
+    @property
+    def guard_only(self) -> bool:
+        """True when the base was loaded guard-only: no language model, only :meth:`guard` runs."""
+        return is_guard_only(self.base_model)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the base's token embeddings (and of the safety modules)."""
+        return self.backbone.model.get_input_embeddings().weight.device
+
+    def _require_language_model(self, what: str) -> None:
+        if self.guard_only:
+            raise GuardOnlyError(
+                f"SafeVLM.{what} needs the language model, but this model was loaded guard-only "
+                "(guard_only=True: vision tower, token embeddings and safety modules only); only guard() "
+                "runs. Load it without guard_only to generate"
+            )
 
     # -- parameters ------------------------------------------------------------------------------
     SAFETY_MODULES = ("safety_projector", "safety_head", "prefix_tokens")
@@ -126,16 +164,23 @@ class SafeVLM(nn.Module):
         return {"base_params": sum(p.numel() for p in self.base_model.parameters()), "safety_params": safety, "modules": modules}
 
     # -- inputs -----------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision features V (num_images, N, Dv) from one pass of the vision tower."""
-        return self.backbone.vision_features(pixel_values)
+    def encode_images(self, pixel_values: torch.Tensor, **image_inputs):
+        """Vision features from one pass of the vision tower: (num_images, N, Dv) on fixed-grid
+        bases, :class:`~safevlm.backbones.VisionFeatures` where images give variable numbers of
+        features. ``image_inputs``: the processor's other image tensors the family needs
+        (``image_sizes`` for LLaVA-NeXT / OneVision); other keys are ignored."""
+        return self.backbone.vision_features(pixel_values, **self._image_inputs(image_inputs))
 
-    def _vision(self, pixel_values, vision_features):
+    def _image_inputs(self, extra: dict) -> dict:
+        """The keys of ``extra`` that the family's vision pass reads (the rest of a batch is not its business)."""
+        return {k: extra[k] for k in self.backbone.image_input_keys if extra.get(k) is not None}
+
+    def _vision(self, pixel_values, vision_features, image_inputs=None):
         if vision_features is not None:
             return vision_features
         if pixel_values is None:
             return None
-        return self.encode_images(pixel_values)
+        return self.encode_images(pixel_values, **(image_inputs or {}))
 
     def _check_images(self, input_ids, vision_features):
         image_mask = input_ids == self.config.image_token_id
@@ -145,7 +190,7 @@ class SafeVLM(nn.Module):
                 raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
             return image_mask
         n_images, n_per_image = vision_features.shape[:2]
-        if n_per_image != self.config.num_image_features:
+        if not self.config.variable_image_features and n_per_image != self.config.num_image_features:
             raise ValueError(
                 f"got {n_per_image} vision features per image but the base gives {self.config.num_image_features}"
             )
@@ -154,7 +199,14 @@ class SafeVLM(nn.Module):
                 f"the safety head needs exactly one image per sample; got {n_images} images for {input_ids.shape[0]} samples"
             )
         per_sample = image_mask.sum(dim=1)
-        if n_tokens != n_images * n_per_image or bool((per_sample != n_per_image).any()):
+        expected = self.backbone.image_token_counts(vision_features).to(per_sample.device)
+        if bool((per_sample != expected).any()):
+            if self.config.variable_image_features:
+                raise ValueError(
+                    f"the images give {expected.tolist()} image features but input_ids hold {per_sample.tolist()} "
+                    "image tokens per sample; expand each <image> placeholder as the processor does "
+                    "(safevlm.backbones.process_images returns each image's count)"
+                )
             raise ValueError(
                 f"got {n_images * n_per_image} image features ({n_images} images x {n_per_image}) but "
                 f"{n_tokens} image tokens in input_ids (per sample: {per_sample.tolist()}); "
@@ -177,14 +229,23 @@ class SafeVLM(nn.Module):
             mask &= prompt_mask.to(mask.device).bool()
         return mask
 
+    def safety_features(self, vision_features) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The safety projector on vision features -> (S (num_images, M, Ds), mask (num_images, M)
+        or None when every row is full). Each image is projected on its own features: the mlp
+        keeps its valid ones (the padding is masked), the cabstractor pools its own grid."""
+        vision = self.backbone.as_vision_features(vision_features)
+        out = self.safety_projector(vision.features.to(self.safety_projector_dtype), vision.lengths, vision.grids)
+        if not self.config.variable_image_features or not getattr(self.safety_projector, "keeps_length", False):
+            return out, None
+        return out, vision.mask
+
     def _head(self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, prompt_mask=None):
-        safety_features = None if vision_features is None else self.safety_projector(
-            vision_features.to(self.safety_projector_dtype)
-        )
+        safety_features, safety_mask = (None, None) if vision_features is None else self.safety_features(vision_features)
         if token_embeds is None and self.config.head_use_prompt:
             token_embeds = self.backbone.embed_tokens(input_ids)
         return self.safety_head(
-            safety_features, token_embeds, self.prompt_mask(input_ids, attention_mask, labels, prompt_mask)
+            safety_features, token_embeds, self.prompt_mask(input_ids, attention_mask, labels, prompt_mask),
+            safety_mask=safety_mask,
         )
 
     @property
@@ -195,24 +256,37 @@ class SafeVLM(nn.Module):
         self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, safety_state=None
     ):
         """LLM inputs with image embeds scattered in and prefix tokens inserted before the first
-        image token (or the first attended token when there is no image).
+        image token (or the first attended token when there is no image; the backbone's
+        ``prefix_anchor`` says where).
 
         ``safety_state`` (B, W) is the head's safety_state for conditioned prefix tokens; when it
         is needed and not given, the head is run here (no second vision pass).
 
         Returns (inputs_embeds (B, L+P, D), attention_mask (B, L+P), labels (B, L+P) or None).
         """
+        llm = self.language_inputs(input_ids, attention_mask, vision_features, labels, token_embeds, safety_state)
+        return llm.inputs_embeds, llm.attention_mask, llm.labels
+
+    def language_inputs(
+        self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, safety_state=None
+    ) -> LanguageInputs:
+        """:meth:`build_inputs_embeds` plus the LLM-side input ids (``PREFIX_TOKEN_ID`` at the
+        prefix tokens) and the positions the backbone derives from them (M-RoPE families read
+        where the image tokens sit)."""
+        self._require_language_model("build_inputs_embeds")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         image_mask = self._check_images(input_ids, vision_features)
         embeds = self.backbone.embed_tokens(input_ids) if token_embeds is None else token_embeds
         if vision_features is not None:
             embeds = self.backbone.scatter_image_embeds(embeds, image_mask, vision_features)
-        has_image = image_mask.any(dim=1)
-        anchor = torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
+        anchor = self.backbone.prefix_anchor(input_ids, image_mask, attention_mask)
         if self.prefix_tokens.conditioned and safety_state is None:
             safety_state = self._head(input_ids, attention_mask, vision_features, labels).safety_state
-        return self.prefix_tokens.insert(embeds, attention_mask, anchor, labels, safety_state)
+        embeds, mask, labels = self.prefix_tokens.insert(embeds, attention_mask, anchor, labels, safety_state)
+        llm_ids = self.prefix_tokens.insert_ids(input_ids, anchor, PREFIX_TOKEN_ID)
+        positions = self.backbone.positions(llm_ids, mask, vision_features)
+        return LanguageInputs(embeds, mask, labels, llm_ids, positions)
 
     @staticmethod
     def position_ids(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -239,7 +313,9 @@ class SafeVLM(nn.Module):
     ) -> SafeVLMOutput:
         """LM logits, risk logits and the loss components.
 
-        input_ids (B, L), pixel_values (B, C, H, W) or precomputed vision_features (B, N, Dv),
+        input_ids (B, L), pixel_values (B, C, H, W) (anyres families: (B, tiles, C, H, W), with
+        ``image_sizes`` (B, 2) among the keyword arguments, where the processor's other image
+        tensors go) or precomputed vision_features from :meth:`encode_images`,
         attention_mask (B, L), labels (B, L) with -100 for unsupervised tokens, risk_level (B,),
         risk_type (B,), prompt_mask (B, L) from the collator (the tokens the head reads; see
         :meth:`prompt_mask`). ``compute_lm=False`` skips the language model (no logits, no lm_loss):
@@ -249,10 +325,15 @@ class SafeVLM(nn.Module):
         given, ``lm_loss`` when ``labels`` are given and the LLM runs, and ``loss`` = their
         unweighted sum. How much each counts is a training setting: ``SafetyTrainer`` weights
         them with the recipe's ``loss.cls_weight`` / ``loss.lm_weight``.
+
+        A guard-only model (:attr:`guard_only`) raises :class:`~safevlm.bases.GuardOnlyError`
+        unless ``compute_lm=False``.
         """
+        if compute_lm:
+            self._require_language_model("forward")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        vision_features = self._vision(pixel_values, vision_features)
+        vision_features = self._vision(pixel_values, vision_features, unused)
         token_embeds = self.backbone.embed_tokens(input_ids)
 
         head = self._head(input_ids, attention_mask, vision_features, labels, token_embeds, prompt_mask)
@@ -265,12 +346,12 @@ class SafeVLM(nn.Module):
         if compute_lm:
             # The LM loss trains the prefix tokens but never moves the head: detached, the head
             # stays a classifier trained by the classification loss alone.
-            embeds, mask, full_labels = self.build_inputs_embeds(
+            llm = self.language_inputs(
                 input_ids, attention_mask, vision_features, labels, token_embeds, head.safety_state.detach()
             )
-            out.logits = self.backbone.language_forward(embeds, mask, self.position_ids(mask))
-            if full_labels is not None:
-                out.lm_loss = causal_lm_loss(out.logits, full_labels)
+            out.logits = self.backbone.language_forward(llm.inputs_embeds, llm.attention_mask, llm.positions)
+            if llm.labels is not None:
+                out.lm_loss = causal_lm_loss(out.logits, llm.labels)
         parts = [x for x in (out.level_loss, out.type_loss, out.lm_loss) if x is not None]
         if parts:
             out.loss = sum(parts)
@@ -285,17 +366,20 @@ class SafeVLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        **image_inputs,
     ) -> GuardOutput:
         """Risk probabilities from the vision tower, safety projector and head only.
 
         The language model is never called. ``input_ids`` may be None (image-only guard).
         ``prompt_mask`` (B, L) limits the tokens the head reads (see :meth:`prompt_mask`).
+        ``image_inputs``: the processor's other image tensors (``image_sizes``...), as in :meth:`forward`.
         """
-        vision_features = self._vision(pixel_values, vision_features)
+        vision_features = self._vision(pixel_values, vision_features, image_inputs)
         if input_ids is None or not self.config.head_use_prompt:
             if vision_features is None:
                 raise ValueError("guard needs pixel_values/vision_features or input_ids")
-            head = self.safety_head(self.safety_projector(vision_features.to(self.safety_projector_dtype)))
+            safety_features, safety_mask = self.safety_features(vision_features)
+            head = self.safety_head(safety_features, safety_mask=safety_mask)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
@@ -327,16 +411,17 @@ class SafeVLM(nn.Module):
         Returns only the new tokens (B, T_new), as ``generate`` does from ``inputs_embeds``.
         Pass ``vision_features`` (and ``safety_state``) from :meth:`guard` to reuse that vision
         pass (and that head pass); without ``safety_state`` the head runs here when the prefix
-        tokens are conditioned.
+        tokens are conditioned. A guard-only model raises :class:`~safevlm.bases.GuardOnlyError`.
         """
+        self._require_language_model("generate")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        vision_features = self._vision(pixel_values, vision_features)
-        embeds, mask, _ = self.build_inputs_embeds(
-            input_ids, attention_mask, vision_features, safety_state=safety_state
-        )
+        image_inputs = {k: generation_kwargs.pop(k) for k in self.backbone.image_input_keys if k in generation_kwargs}
+        vision_features = self._vision(pixel_values, vision_features, image_inputs)
+        llm = self.language_inputs(input_ids, attention_mask, vision_features, safety_state=safety_state)
         generation_kwargs.setdefault("use_cache", True)
-        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+        return self.backbone.generate(self.base_model, llm.inputs_embeds, llm.attention_mask, llm.positions,
+                                      **generation_kwargs)
 
     # -- save / load ---------------------------------------------------------------------------------------
     def save_pretrained(
@@ -348,9 +433,12 @@ class SafeVLM(nn.Module):
 
         ``state_dict``: full tensors keyed as in ``self.state_dict()`` (e.g. gathered with
         ``accelerator.get_state_dict`` under FSDP / ZeRO-3, where this module's own parameters
-        are shards); by default the module's own tensors are written.
+        are shards); by default the module's own tensors are written. A guard-only model
+        raises :class:`~safevlm.bases.GuardOnlyError` (it holds no LoRA adapter to save).
         """
         from safetensors.torch import save_file
+
+        self._require_language_model("save_pretrained")
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -410,6 +498,7 @@ class SafeVLM(nn.Module):
         torch_dtype: torch.dtype | str | None = None,
         trainable: bool = False,
         seed: int | None = None,
+        guard_only: bool = False,
         **config_overrides,
     ) -> "SafeVLM":
         """Load a base (folder, ``tiny:<preset>[@seed]`` or a loaded model) and, if given, a
@@ -428,13 +517,31 @@ class SafeVLM(nn.Module):
         in stays where it is. ``trainable``: for training, the LoRA adapter is trainable and
         the safety modules stay in float32; otherwise they take the base's dtype and the model
         is returned in eval mode.
+
+        ``guard_only``: load only what :meth:`guard` reads — vision tower, token embeddings and
+        the safety modules — and leave the language model out (decoder layers, final norm, LM
+        head and base projector are never read from a folder nor allocated; a ``tiny:`` base
+        is built whole, then they are dropped; a model passed in loses them in place). The
+        LoRA adapter is left out too, which is exact because it lies in the language model
+        only (:func:`safevlm.bases.check_guard_lora` refuses one that does not). The base
+        check (shapes, fingerprint) is the same. ``generate``, ``forward`` and
+        ``save_pretrained`` then raise :class:`~safevlm.bases.GuardOnlyError`.
         """
-        from safevlm.bases import base_fingerprint, check_adapter_base, load_base_model, load_lora, precheck_adapter
+        from safevlm.bases import (
+            base_fingerprint,
+            check_adapter_base,
+            check_guard_lora,
+            load_base_model,
+            load_lora,
+            precheck_adapter,
+        )
 
         if torch_dtype is not None:
             if dtype not in (None, "auto") and dtype != torch_dtype:
                 raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass dtype only")
             dtype = torch_dtype
+        if guard_only and trainable:
+            raise ValueError("guard_only=True loads no language model and no LoRA adapter, so it cannot be trainable")
         if adapter_dir is not None:
             adapter_dir = Path(adapter_dir)
             if not adapter_dir.is_dir():
@@ -443,7 +550,8 @@ class SafeVLM(nn.Module):
                 raise ValueError(f"config overrides {sorted(config_overrides)} cannot change a saved adapter's config")
             if not isinstance(base, nn.Module):
                 precheck_adapter(base, adapter_dir, allow_base_mismatch, trust_remote_code)
-        base = load_base_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        base = load_base_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               guard_only=guard_only)
         if adapter_dir is None:
             if seed is not None:
                 torch.manual_seed(seed)
@@ -453,15 +561,18 @@ class SafeVLM(nn.Module):
             check_adapter_base(config, get_backbone(base).config, base_fingerprint(base), adapter_dir,
                                allow_base_mismatch)
             if (adapter_dir / LORA_DIR).is_dir():
-                base = load_lora(base, adapter_dir / LORA_DIR, trainable=trainable)
+                if is_guard_only(base):
+                    check_guard_lora(base, adapter_dir / LORA_DIR)  # exact without it: guard never runs it
+                else:
+                    base = load_lora(base, adapter_dir / LORA_DIR, trainable=trainable)
             model = cls(base, config)
             model.load_safety_weights(adapter_dir)
         if not trainable:
-            dtype = model.backbone.lm_head.weight.dtype
+            dtype = model.backbone.model.get_input_embeddings().weight.dtype
             for name in cls.SAFETY_MODULES:
                 getattr(model, name).to(dtype)
             model.eval()
         return model
 
 
-__all__ = ["GuardOutput", "SafeVLM", "SafeVLMOutput"]
+__all__ = ["GuardOutput", "LanguageInputs", "SafeVLM", "SafeVLMOutput"]

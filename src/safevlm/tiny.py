@@ -11,6 +11,21 @@ Presets:
 * ``test``: hidden 32, 2 layers, 16-px images with 4-px patches (16 image features) — for unit tests.
 * ``default``: vision 128 x 4 layers, text 256 x 4 layers, 112-px images with 16-px patches
   (49 image features), ~5M parameters — trains at ~2,000 samples/min on 2 CPU cores.
+
+Other families (``safevlm tiny build --family NAME``; spec ``tiny:<family>_<preset>``, e.g.
+``tiny:llava_next_test``), the same sizes on each family's own architecture, processor and
+chat format:
+
+* ``llava_next``: CLIP tiles + Mistral LM (as llava-v1.6-mistral-7b-hf), ``LlavaNextProcessor``
+  with ``image_grid_pinpoints`` of 1x2 / 2x1 / 2x2 / 3x1 / 1x3 tiles of the preset's image size
+  (the 7B release's layout at tiny scale), Mistral-instruct format ``[INST] ... [/INST]``;
+* ``llava_onevision``: SigLIP tiles ('full' features, no CLS) + Qwen2 LM (as
+  llava-onevision-qwen2-7b-ov-hf), grids of up to 3x3 tiles, ChatML format
+  (``<|im_start|>`` / ``<|im_end|>``). Its own ``LlavaOnevisionProcessor`` needs torchvision
+  (for its video processor); where torchvision cannot be imported the folder carries a
+  ``LlavaNextProcessor`` around the ``LlavaOnevisionImageProcessor`` instead, which expands
+  ``<image>`` by the same rule for these grids (no grid exceeds ``anyres_max_9``, so OneVision's
+  extra shrinking never applies; the family tests check the counts against the model's own).
 """
 
 from __future__ import annotations
@@ -20,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+FAMILIES = ("llava", "llava_next", "llava_onevision")
 
 # LLaVA-1.5 conversation format: "SYSTEM USER: <image>\n{prompt} ASSISTANT: {answer}</s>".
 # A system message is plain text before the first turn, as in llava-1.5's own prompts.
@@ -35,6 +52,30 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ ' ' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_TEXTS = (
+    "{% if message['content'] is string %}{% set texts = [message['content']] %}{% set n_images = 0 %}"
+    "{% else %}{% set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list %}"
+    "{% set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length %}{% endif %}"
+)
+# Mistral-instruct, as llava-v1.6-mistral-7b-hf: "[INST] <image>\n{prompt} [/INST] {answer}</s>";
+# a system message is plain text before the first turn.
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}" + _TEXTS +
+    "{% if message['role'] == 'system' %}{{ texts | join(' ') }}{{ '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}{% for _ in range(n_images) %}{{ '<image>\n' }}{% endfor %}"
+    "{{ texts | join(' ') }}{{ ' [/INST]' }}"
+    "{% else %}{{ ' ' + (texts | join(' ')) + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# ChatML, as llava-onevision-qwen2-*-hf: "<|im_start|>user\n<image>\n{prompt}<|im_end|>\n<|im_start|>assistant\n".
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}" + _TEXTS +
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% for _ in range(n_images) %}{{ '<image>\n' }}{% endfor %}"
+    "{{ texts | join(' ') }}{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 # A small English corpus so the tokenizer has sensible merges; the synthetic safety data's
@@ -94,8 +135,12 @@ def _corpus(extra: tuple[str, ...] = ()) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = ()):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus (deterministic)."""
+def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = (), extra_special: tuple[str, ...] = (),
+                    eos_token: str = "</s>", chat_template: str = CHAT_TEMPLATE):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus (deterministic).
+
+    ``extra_special``: more special tokens after the default ones (a family's ``<video>``,
+    ``<|im_start|>``...); ``eos_token`` one of them or ``</s>``; ``chat_template`` the tokenizer's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -104,7 +149,7 @@ def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = ()):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS) + list(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -114,13 +159,13 @@ def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = ()):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos_token,
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=[IMAGE_TOKEN],
+        additional_special_tokens=[IMAGE_TOKEN, *extra_special],
         model_input_names=["input_ids", "attention_mask"],
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
@@ -190,17 +235,147 @@ def build_config(preset: str | TinyPreset = "test", tokenizer=None):
     return config
 
 
-def build_tiny(preset: str = "test", seed: int = 0):
-    """Build (model, processor) for a preset; the model's weights are random from ``seed``."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
+# -- other families ------------------------------------------------------------------------------
+def preset_name(family: str, preset: str) -> str:
+    """The preset name of ``family`` at size ``preset`` (``tiny:<name>`` specs): ``test`` for
+    LLaVA, ``llava_next_test`` for LLaVA-NeXT."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; allowed: {', '.join(FAMILIES)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    processor = build_processor(preset)
-    config = build_config(preset, processor.tokenizer)
+    return preset if family == "llava" else f"{family}_{preset}"
+
+
+def split_preset(name: str) -> tuple[str, str]:
+    """``"llava_next_test"`` -> ``("llava_next", "test")``; ``"test"`` -> ``("llava", "test")``."""
+    if name in PRESETS:
+        return "llava", name
+    for family in FAMILIES[1:]:
+        if name.startswith(family + "_") and name[len(family) + 1:] in PRESETS:
+            return family, name[len(family) + 1:]
+    names = [preset_name(f, p) for f in FAMILIES for p in PRESETS]
+    raise ValueError(f"unknown tiny preset {name!r}; allowed: {', '.join(names)}")
+
+
+def grid_pinpoints(family: str, p: TinyPreset) -> list[list[int]]:
+    """Anyres resolutions, in units of the tile size: the 7B releases' layouts at tiny scale."""
+    s = p.image_size
+    if family == "llava_next":  # llava-v1.6-mistral-7b-hf: 1x2, 2x1, 2x2, 3x1, 1x3 tiles of 336
+        return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
+    return [[r * s, c * s] for r in (1, 2, 3) for c in (1, 2, 3)]  # OneVision: up to 3x3 of its 6x6
+
+
+def _family_tokenizer(family: str, p: TinyPreset):
+    if family == "llava_next":
+        return build_tokenizer(p.vocab_size, chat_template=LLAVA_NEXT_CHAT_TEMPLATE)
+    return build_tokenizer(p.vocab_size, extra_special=(VIDEO_TOKEN, "<|im_start|>", "<|im_end|>"),
+                           eos_token="<|im_end|>", chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
+
+
+def _onevision_video_processor():
+    """OneVision's video processor, or None where it cannot be built (it needs torchvision)."""
+    try:
+        from transformers import LlavaOnevisionVideoProcessor
+
+        return LlavaOnevisionVideoProcessor()
+    except Exception:  # noqa: BLE001 - ImportError without torchvision; a broken torchvision raises others
+        return None
+
+
+def build_family_processor(family: str, preset: str = "test", tokenizer=None):
+    """The processor of a tiny ``family`` base (see the module docstring)."""
+    import transformers
+
+    from safevlm.compat import pil_image_processor_class
+
+    p = PRESETS[preset]
+    tokenizer = tokenizer if tokenizer is not None else _family_tokenizer(family, p)
+    s = p.image_size
+    if family == "llava_next":
+        image_processor = pil_image_processor_class("LlavaNextImageProcessor")(
+            size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+            image_grid_pinpoints=grid_pinpoints(family, p),
+        )
+        return transformers.LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=p.patch_size,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            chat_template=LLAVA_NEXT_CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+        )
+    if family != "llava_onevision":
+        raise ValueError(f"unknown tiny family {family!r}; allowed: {', '.join(FAMILIES)}")
+    image_processor = pil_image_processor_class("LlavaOnevisionImageProcessor")(
+        size={"height": s, "width": s}, image_grid_pinpoints=grid_pinpoints(family, p),
+    )
+    video_processor = _onevision_video_processor()
+    if video_processor is not None:
+        return transformers.LlavaOnevisionProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+            num_image_tokens=(s // p.patch_size) ** 2, vision_feature_select_strategy="full",
+            chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN,
+            vision_aspect_ratio="anyres_max_9",
+        )
+    return transformers.LlavaNextProcessor(  # the same <image> expansion for these grids
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=p.patch_size,
+        vision_feature_select_strategy="full", num_additional_image_tokens=0,
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+    )
+
+
+def build_family_config(family: str, preset: str = "test", tokenizer=None):
+    """The ``LlavaNextConfig`` / ``LlavaOnevisionConfig`` of a tiny ``family`` base."""
+    import transformers
+
+    p = PRESETS[preset]
+    tokenizer = tokenizer if tokenizer is not None else _family_tokenizer(family, p)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    text = dict(vocab_size=len(tokenizer), hidden_size=p.text_hidden, intermediate_size=p.text_intermediate,
+                num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads,
+                num_key_value_heads=max(1, p.text_heads // 2),  # grouped-query attention, as the 7B releases
+                max_position_embeddings=p.max_position_embeddings, tie_word_embeddings=False, **ids)
+    vision = dict(hidden_size=p.vision_hidden, intermediate_size=4 * p.vision_hidden,
+                  num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
+                  image_size=p.image_size, patch_size=p.patch_size)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if family == "llava_next":
+        config = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(projection_dim=p.vision_hidden, **vision),
+            text_config=transformers.MistralConfig(sliding_window=None, **text),
+            image_token_index=image_token_id, projector_hidden_act="gelu", vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=grid_pinpoints(family, p),
+            image_seq_length=(p.image_size // p.patch_size) ** 2, tie_word_embeddings=False,
+        )
+    elif family == "llava_onevision":
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(vision_use_head=False, **vision),
+            text_config=transformers.Qwen2Config(**text),
+            image_token_index=image_token_id, video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+            projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=grid_pinpoints(family, p),
+            tie_word_embeddings=False,
+        )
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; allowed: {', '.join(FAMILIES)}")
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def build_tiny(preset: str = "test", seed: int = 0):
+    """Build (model, processor) for a preset (``test``, ``default``, or a family's, e.g.
+    ``llava_next_test``); the model's weights are random from ``seed``."""
+    import torch
+
+    from safevlm.backbones import FAMILIES as BACKBONE_FAMILIES
+
+    family, size = split_preset(preset)
+    if family == "llava":
+        processor = build_processor(size)
+        config = build_config(size, processor.tokenizer)
+    else:
+        processor = build_family_processor(family, size)
+        config = build_family_config(family, size, processor.tokenizer)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = BACKBONE_FAMILIES[family].model_class()(config)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
@@ -209,7 +384,8 @@ def build_tiny(preset: str = "test", seed: int = 0):
 
 
 def save_tiny(out_dir: str | Path, preset: str = "default", seed: int = 0) -> Path:
-    """Build and save the tiny model and processor as a Hugging Face folder."""
+    """Build and save the tiny model and processor as a Hugging Face folder (``preset`` as in
+    :func:`build_tiny`)."""
     from safevlm.compat import quiet_loading
 
     model, processor = build_tiny(preset, seed)
@@ -221,4 +397,22 @@ def save_tiny(out_dir: str | Path, preset: str = "default", seed: int = 0) -> Pa
     return out
 
 
-__all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "PRESETS", "TinyPreset", "build_config", "build_processor", "build_tiny", "build_tokenizer", "save_tiny"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "FAMILIES",
+    "IMAGE_TOKEN",
+    "LLAVA_NEXT_CHAT_TEMPLATE",
+    "LLAVA_ONEVISION_CHAT_TEMPLATE",
+    "PRESETS",
+    "TinyPreset",
+    "build_config",
+    "build_family_config",
+    "build_family_processor",
+    "build_processor",
+    "build_tiny",
+    "build_tokenizer",
+    "grid_pinpoints",
+    "preset_name",
+    "save_tiny",
+    "split_preset",
+]

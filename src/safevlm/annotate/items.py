@@ -229,12 +229,11 @@ def _scan_items(out: Path) -> ItemSet:
 # -- JSONL files -------------------------------------------------------------------------------------
 def _jsonl_items(path: Path) -> ItemSet:
     from safevlm.data import Skipped
-    from safevlm.data.readers import _jsonl_items as jsonl_lines
-    from safevlm.data.readers import _read_text
+    from safevlm.data.readers import jsonl_lines, read_text
 
     root = path.resolve().parent
     items = []
-    for where, number, row in jsonl_lines(path, _read_text(path)):
+    for where, number, row in jsonl_lines(path, read_text(path)):
         if isinstance(row, Skipped):  # a broken line: the round needs every item, so it is an error
             raise ItemsError(f"{where}: broken line: {row.reason}")
         unknown = sorted(set(row) - {"id", "prompt", "answer", "image"})

@@ -1,13 +1,32 @@
 """How to reach vision features and token embeddings of each Hugging Face VLM family.
 
 A backbone is a thin view over a loaded base model; it never owns or renames weights.
+:mod:`safevlm.backbones.base` states the interface every family implements; one module per
+family implements it. ``BACKBONES`` maps ``config.model_type`` to the view, ``FAMILIES`` the
+family names users type to the same classes.
 """
 
 from __future__ import annotations
 
-from safevlm.backbones.llava import LlavaBackbone, causal_lm_loss, position_ids_from_mask
+from safevlm.backbones.base import (
+    PREFIX_TOKEN_ID,
+    Backbone,
+    ImageInputs,
+    Positions,
+    VisionFeatures,
+    causal_lm_loss,
+    position_ids_from_mask,
+    process_images,
+)
+from safevlm.backbones.llava import LlavaBackbone
+from safevlm.backbones.llava_next import LlavaNextBackbone, LlavaOnevisionBackbone
 
-BACKBONES = {"llava": LlavaBackbone}
+FAMILIES: dict[str, type[Backbone]] = {
+    cls.family: cls for cls in (LlavaBackbone, LlavaNextBackbone, LlavaOnevisionBackbone)
+}
+BACKBONES: dict[str, type[Backbone]] = {
+    model_type: cls for cls in FAMILIES.values() for model_type in cls.model_types
+}
 
 
 def _model_type(config) -> str:
@@ -33,11 +52,28 @@ def get_backbone(model):
     return get_backbone_class(config)(inner)
 
 
+def family_of(model_type: str) -> str:
+    """The family name of a ``config.model_type`` (``ValueError`` when unsupported)."""
+    if model_type not in BACKBONES:
+        raise ValueError(f"unsupported base model family {model_type!r}; supported: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[model_type].family
+
+
 __all__ = [
     "BACKBONES",
+    "Backbone",
+    "FAMILIES",
+    "ImageInputs",
     "LlavaBackbone",
+    "LlavaNextBackbone",
+    "LlavaOnevisionBackbone",
+    "PREFIX_TOKEN_ID",
+    "Positions",
+    "VisionFeatures",
     "causal_lm_loss",
+    "family_of",
     "get_backbone",
     "get_backbone_class",
     "position_ids_from_mask",
+    "process_images",
 ]

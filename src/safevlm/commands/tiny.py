@@ -1,4 +1,5 @@
-"""`safevlm tiny build`: save the embedded tiny LLaVA as a Hugging Face folder."""
+"""`safevlm tiny build`: save the embedded tiny LLaVA (or a tiny base of another family) as a
+Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ def register(subparsers) -> None:
     build.add_argument("--out", required=True, help="Output folder.")
     build.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     build.add_argument("--preset", default="default", choices=["default", "test"], help="Model size preset.")
+    build.add_argument("--family", default="llava", choices=["llava", "llava_next", "llava_onevision"],
+                       help="Model family: llava (LLaVA-1.5), llava_next (LLaVA-NeXT / 1.6) or llava_onevision; "
+                       "each with its own processor and chat format.")
     build.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists and is not empty.")
     build.set_defaults(func=command_build)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -23,7 +27,7 @@ def command_build(args) -> int:
     import shutil
 
     from safevlm.paths import check_output_dir
-    from safevlm.tiny import save_tiny
+    from safevlm.tiny import preset_name, save_tiny
     from safevlm.train.checkpoint import replace_dir
 
     target = check_output_dir(args.out, overwrite=args.overwrite).resolve()
@@ -31,7 +35,9 @@ def command_build(args) -> int:
     staging = target.with_name(f".staging-{target.name}")
     if staging.exists():  # left by an interrupted build
         shutil.rmtree(staging)
-    save_tiny(staging, preset=args.preset, seed=args.seed)
+    preset = preset_name(args.family, args.preset)
+    save_tiny(staging, preset=preset, seed=args.seed)
     replace_dir(staging, target)
-    print(f"saved tiny LLaVA ({args.preset}, seed {args.seed}) to {args.out}")
+    label = "LLaVA" if args.family == "llava" else args.family
+    print(f"saved tiny {label} ({args.preset}, seed {args.seed}) to {args.out}")
     return 0

@@ -45,9 +45,10 @@ class SafetyCollator:
     """Collate :class:`SafetyRecord` s into a LLaVA training batch with risk labels.
 
     Args:
-        processor: a ``LlavaProcessor``-like object (``tokenizer``, ``image_processor``,
-            ``apply_chat_template``, ``patch_size``, ``num_additional_image_tokens``,
-            ``vision_feature_select_strategy``, ``image_token``). Needs a fast tokenizer.
+        processor: the base's processor (``AutoProcessor.from_pretrained``: ``LlavaProcessor``,
+            ``LlavaNextProcessor``...), called on the images to get their tensors and how many
+            image tokens each takes; ``tokenizer``, ``apply_chat_template`` and ``image_token``
+            render the text. Needs a fast tokenizer.
         max_length: cap on text + image tokens + ``num_prefix_tokens`` per sample (None: no cap).
         num_prefix_tokens: prefix safety tokens the model will insert (counted, not inserted).
         image_root: folder that records' relative image paths are resolved against.
@@ -104,18 +105,6 @@ class SafetyCollator:
             raise ValueError(f"the tokenizer has no {self.image_token!r} token")
 
     # ----------------------------------------------------------------- helpers
-
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """Image features per image for ``height`` x ``width`` pixel values (LlavaProcessor's rule)."""
-        patch_size = getattr(self.processor, "patch_size", None)
-        if patch_size is None:  # legacy processors leave expansion to the model
-            return 1
-        n = (height // patch_size) * (width // patch_size) + int(
-            getattr(self.processor, "num_additional_image_tokens", 0) or 0
-        )
-        if getattr(self.processor, "vision_feature_select_strategy", None) == "default":
-            n -= 1
-        return n
 
     def encode(self, record: SafetyRecord, num_image_tokens: int = 1) -> dict:
         """``input_ids``, ``labels`` and ``prompt_mask`` (lists) for one record;

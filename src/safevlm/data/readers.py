@@ -65,7 +65,7 @@ class _Context:
 # --------------------------------------------------------------------------- file helpers
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """File text (UTF-8, BOM removed); raises DataFormatError for empty or non-UTF-8 files."""
     raw = path.read_bytes()
     if not raw.strip():
@@ -79,7 +79,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _jsonl_items(path: Path, text: str) -> Iterator[tuple[str, int, "dict | Skipped"]]:
+def jsonl_lines(path: Path, text: str) -> Iterator[tuple[str, int, "dict | Skipped"]]:
     """``(location, line number, object or Skipped)`` per non-blank line of a jsonl text."""
     # split on "\n" only: JSON strings may contain U+2028 etc., which str.splitlines() splits on
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -119,7 +119,7 @@ def _objects(path: Path, text: str) -> Iterator[tuple[str, int, "dict | Skipped"
             else:
                 yield location, i, obj
     else:
-        yield from _jsonl_items(path, text)
+        yield from jsonl_lines(path, text)
 
 
 # --------------------------------------------------------------------------- field helpers
@@ -338,7 +338,7 @@ def _read_rtvlm(ctx: _Context, text: str) -> Iterator[tuple[str, "SafetyRecord |
     risk_type = _label({"type": spec["type"], "level": 0}, ctx, f"rtvlm:tasks/{task}")[0]
     refusal_levels = ctx.mapping["refusal_levels"]
     min_level = int(ctx.mapping.get("min_level", 0))
-    for location, lineno, obj in _jsonl_items(ctx.path, text):
+    for location, lineno, obj in jsonl_lines(ctx.path, text):
         if isinstance(obj, Skipped):
             yield location, obj
             continue
@@ -505,7 +505,7 @@ def detect_format(path: "str | os.PathLike", text: str | None = None) -> str:
     :class:`DataFormatError` explaining what was seen when no format fits.
     """
     path = Path(path)
-    text = _read_text(path) if text is None else text
+    text = read_text(path) if text is None else text
     if path.suffix.lower() == ".csv":
         header = text.split("\n", 1)[0]
         if "instruction" in header and "category_name" in header:
@@ -604,7 +604,7 @@ def load_records(
         raise FileNotFoundError(f"no such data file: {path}")
     if not path.is_file():
         raise DataFormatError(f"{path} is not a file")
-    text = _read_text(path)
+    text = read_text(path)
     fmt, _, task = (format or detect_format(path, text)).partition(":")
     if fmt not in _READERS:
         raise DataFormatError(f"unknown format {format!r}; known: {', '.join(FORMATS)} (and rtvlm:<task>)")
@@ -752,4 +752,4 @@ def _write_image_bytes(record: SafetyRecord, image_dir: Path, base: Path) -> str
     return Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
 
 
-__all__ = ["FORMATS", "detect_format", "load_records", "write_psavlm_jsonl"]
+__all__ = ["FORMATS", "detect_format", "jsonl_lines", "load_records", "read_text", "write_psavlm_jsonl"]

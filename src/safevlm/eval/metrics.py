@@ -241,17 +241,11 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
 def cohen_kappa(a: Sequence, b: Sequence) -> float | None:
     """Cohen's kappa of two raters' labels on the same items; ``None`` when chance agreement
     is 1 (both raters gave one and the same label to everything: kappa is undefined)."""
+    from safevlm.eval.agreement import cohen_kappa as kappa
+
     if len(a) != len(b):
         raise ValueError(f"cohen_kappa needs two label lists of the same length, got {len(a)} and {len(b)}")
-    if not a:
-        return None
-    n = len(a)
-    observed = sum(x == y for x, y in zip(a, b)) / n
-    labels = set(a) | set(b)
-    expected = sum((list(a).count(k) / n) * (list(b).count(k) / n) for k in labels)
-    if expected >= 1.0:
-        return None
-    return (observed - expected) / (1 - expected)
+    return kappa(list(a), list(b))
 
 
 def agreement(a: Sequence, b: Sequence) -> dict:

@@ -131,15 +131,15 @@ def check_rating(fields: dict, where: str, taxonomy: Taxonomy = DEFAULT_TAXONOMY
 
 def _read_jsonl(path: Path, taxonomy: Taxonomy) -> list[Rating]:
     from safevlm.data import DataFormatError, Skipped
-    from safevlm.data.readers import _jsonl_items, _read_text  # the one JSONL line splitter
+    from safevlm.data.readers import jsonl_lines, read_text  # the one JSONL line splitter
 
     try:
-        text = _read_text(path)
+        text = read_text(path)
     except DataFormatError as err:
         raise RatingsError(str(err)) from None
     out: list[Rating] = []
     seen: dict[tuple[str, str], int] = {}
-    for where, number, fields in _jsonl_items(path, text):
+    for where, number, fields in jsonl_lines(path, text):
         if isinstance(fields, Skipped):
             raise RatingsError(f"{where}: broken JSON line ({fields.reason})")
         rating = check_rating(fields, where, taxonomy)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from safevlm.data import DataFormatError, ImageError, Skipped, load_records, resolve_image_path
+from safevlm.data.readers import jsonl_lines
 from safevlm.eval.items import EvalItem, ReadReport
 from safevlm.taxonomy import DEFAULT_TAXONOMY
 
@@ -121,17 +122,10 @@ def _json_records(path: Path) -> list[tuple[str, "dict | Skipped"]]:
             location = f"{path}[{i}]"
             out.append((location, obj if isinstance(obj, dict) else Skipped(location, f"expected a JSON object, got {type(obj).__name__}")))
         return out
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        location = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            out.append((location, Skipped(location, f"broken line: malformed JSON: {err.msg} (column {err.colno})")))
-            continue
-        out.append((location, obj if isinstance(obj, dict) else Skipped(location, f"expected a JSON object, got {type(obj).__name__}")))
+    for location, _, obj in jsonl_lines(path, text):
+        if isinstance(obj, Skipped) and obj.reason.startswith("malformed JSON"):
+            obj = Skipped(location, f"broken line: {obj.reason}")
+        out.append((location, obj))
     return out
 
 

@@ -70,7 +70,11 @@ class SafetyHead(nn.Module):
         )
         # Segment embeddings tell the head which keys are image-side and which are text-side.
         self.segment = nn.Parameter(torch.zeros(2, width))
-        self.safety_pos = nn.Parameter(torch.zeros(config.num_safety_features, width))
+        # A learned position per safety feature where their number is fixed; on bases whose images
+        # give variable numbers of features ('mlp' there keeps them all) the head reads them as a set.
+        self.safety_pos = (
+            nn.Parameter(torch.zeros(config.num_safety_features, width)) if config.num_safety_features else None
+        )
         self.norm_kv = nn.LayerNorm(width)
         self.layers = nn.ModuleList(
             [_CrossAttentionLayer(width, config.head_num_heads, config.dropout) for _ in range(config.head_num_layers)]
@@ -90,19 +94,25 @@ class SafetyHead(nn.Module):
         safety_features: torch.Tensor | None,
         prompt_embeds: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        safety_mask: torch.Tensor | None = None,
     ) -> SafetyHeadOutput:
-        """safety_features (B, M, Ds); prompt_embeds (B, L, D) with prompt_mask (B, L), True for
-        prompt tokens (False for padding and image placeholders)."""
+        """safety_features (B, M, Ds) with safety_mask (B, M), True at valid features (default:
+        all; padding of images with fewer features is False); prompt_embeds (B, L, D) with
+        prompt_mask (B, L), True for prompt tokens (False for padding and image placeholders)."""
         keys, masks = [], []
         if safety_features is not None:
-            if safety_features.shape[1] != self.safety_pos.shape[0]:
-                raise ValueError(
-                    f"the safety head was built for {self.safety_pos.shape[0]} safety features, "
-                    f"got {safety_features.shape[1]}"
-                )
-            s = self.safety_in(safety_features) + self.segment[0] + self.safety_pos
+            s = self.safety_in(safety_features) + self.segment[0]
+            if self.safety_pos is not None:
+                if safety_features.shape[1] != self.safety_pos.shape[0]:
+                    raise ValueError(
+                        f"the safety head was built for {self.safety_pos.shape[0]} safety features, "
+                        f"got {safety_features.shape[1]}"
+                    )
+                s = s + self.safety_pos
             keys.append(s)
-            masks.append(torch.ones(s.shape[:2], dtype=torch.bool, device=s.device))
+            if safety_mask is None:
+                safety_mask = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+            masks.append(safety_mask.to(s.device).bool())
         if self.use_prompt and prompt_embeds is not None:
             if prompt_mask is None:
                 prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)

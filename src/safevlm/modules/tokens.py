@@ -35,6 +35,24 @@ class PrefixSafetyTokens(nn.Module):
     def conditioned(self) -> bool:
         return self.condition is not None
 
+    def _layout(self, anchor: torch.LongTensor, length: int, device):
+        """(in_prefix (B, L+P) bool, source index in the old sequence (B, L+P), prefix index (B, L+P))."""
+        p = self.num_tokens
+        pos = torch.arange(length + p, device=device).unsqueeze(0).expand(anchor.shape[0], -1)
+        start = anchor.to(device).unsqueeze(1)
+        in_prefix = (pos >= start) & (pos < start + p)
+        src = torch.where(pos >= start + p, pos - p, pos).clamp(max=length - 1)
+        prefix_index = (pos - start).clamp(0, p - 1)
+        return in_prefix, src, prefix_index
+
+    def insert_ids(self, input_ids: torch.LongTensor, anchor: torch.LongTensor, fill: int) -> torch.LongTensor:
+        """``input_ids`` (B, L) laid out as :meth:`insert` lays out the embeddings: (B, L+P)
+        with ``fill`` at the prefix positions (what a backbone reads to place positions)."""
+        if self.num_tokens == 0:
+            return input_ids
+        in_prefix, src, _ = self._layout(anchor, input_ids.shape[1], input_ids.device)
+        return torch.where(in_prefix, torch.full_like(src, fill), torch.gather(input_ids, 1, src))
+
     def insert(
         self,
         inputs_embeds: torch.Tensor,
@@ -52,12 +70,7 @@ class PrefixSafetyTokens(nn.Module):
         p = self.num_tokens
         if p == 0:
             return inputs_embeds, attention_mask, labels
-        b, length, _ = inputs_embeds.shape
-        pos = torch.arange(length + p, device=inputs_embeds.device).unsqueeze(0).expand(b, -1)
-        start = anchor.unsqueeze(1)
-        in_prefix = (pos >= start) & (pos < start + p)
-        src = torch.where(pos >= start + p, pos - p, pos).clamp(max=length - 1)  # source index in the old sequence
-        prefix_index = (pos - start).clamp(0, p - 1)
+        in_prefix, src, prefix_index = self._layout(anchor, inputs_embeds.shape[1], inputs_embeds.device)
 
         gathered = torch.gather(inputs_embeds, 1, src.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
         prefix = self.embeddings.to(inputs_embeds.dtype)[prefix_index]

@@ -13,10 +13,12 @@ _EXPORTS = {
     "Engine": "safevlm.serve.engine",
     "Job": "safevlm.serve.engine",
     "Metrics": "safevlm.serve.metrics",
+    "Upstream": "safevlm.serve.upstream",
     "ServerSettings": "safevlm.serve.settings",
     "add_settings_arguments": "safevlm.serve.settings",
     "create_app": "safevlm.serve.app",
     "run_server": "safevlm.serve.app",
+    "serve_in_thread": "safevlm.serve.app",
     "settings_from_args": "safevlm.serve.settings",
 }
 
@@ -32,8 +34,10 @@ __all__ = [
     "Job",
     "Metrics",
     "ServerSettings",
+    "Upstream",
     "add_settings_arguments",
     "create_app",
     "run_server",
+    "serve_in_thread",
     "settings_from_args",
 ]

@@ -9,6 +9,12 @@ Routes:
 * ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics`` (Prometheus
   text, or OpenMetrics when the ``Accept`` header asks for it).
 
+With ``upstream`` set the server is a **guard proxy**: every chat request is guarded here (the
+same image path, one vision pass, the policy) and refusals are answered here; allowed and
+hinted requests are forwarded to the upstream engine (:mod:`safevlm.serve.upstream`) and its
+answer comes back with the ``safety`` field, as in direct mode. ``/health`` then reports
+whether the upstream answers.
+
 A streamed answer is the plain answer cut into deltas: the same text (stop strings included)
 and the same ``usage``.
 
@@ -20,6 +26,7 @@ when ``api_key`` is set (checked before the body is read); ``/health`` and ``/me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -32,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safevlm.guarded import InputTooLong
+from safevlm.guarded import GuardedResult, InputTooLong
 from safevlm.policy import PolicyOverrideError, PolicyOverrides
 from safevlm.serve.engine import AsyncChannel, Engine, Job, Overloaded, ShuttingDown, cut_at_stop
 from safevlm.serve.images import load_image
@@ -44,6 +51,7 @@ from safevlm.serve.protocol import (
     ClassifyRequest,
 )
 from safevlm.serve.settings import ServerSettings
+from safevlm.serve.upstream import Upstream, forward_body
 
 logger = logging.getLogger("safevlm.serve")
 
@@ -158,8 +166,9 @@ async def _send_error(send, error: APIError) -> None:
 
 
 # -- request conversion ----------------------------------------------------------------------------------
-async def _convert_messages(messages: list[ChatMessage], settings: ServerSettings):
-    """(image or None, messages in safevlm's chat format) with the image limits enforced."""
+async def _convert_messages(messages: list[ChatMessage], settings: ServerSettings, fetched: dict | None = None):
+    """(image or None, messages in safevlm's chat format) with the image limits enforced;
+    ``fetched`` collects downloaded images as data URLs (see :func:`load_image`)."""
     image_urls = [p.image_url.url for m in messages if isinstance(m.content, list)
                   for p in m.content if p.type == "image_url"]
     if len(image_urls) > settings.max_images:
@@ -178,7 +187,7 @@ async def _convert_messages(messages: list[ChatMessage], settings: ServerSetting
         converted.append({"role": role, "content": parts})
     if not any(m["role"] == "user" for m in converted):
         raise APIError(400, "invalid_messages", "the conversation needs at least one user message", param="messages")
-    image = await load_image(image_urls[0], settings) if image_urls else None
+    image = await load_image(image_urls[0], settings, fetched) if image_urls else None
     return image, converted
 
 
@@ -282,6 +291,36 @@ def _safety_field(result_or_decision, policy_name: str) -> dict:
 _FINISH = {"stop": "stop", "length": "length", "refused": "content_filter"}
 
 
+def _completion_body(result, completion_id: str, created: int, settings: ServerSettings, policy_name: str) -> dict:
+    """The ``chat.completion`` answer for a guarded result (stops already applied)."""
+    text, finish = result.text, _FINISH.get(result.finish_reason, "stop")
+    refused = result.action == "refuse"
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": settings.model_id,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": text if refused else None},
+            "finish_reason": finish,
+            "logprobs": None,
+        }],
+        "usage": _usage(result),
+        "safety": _safety_field(result, policy_name),
+    }
+
+
+def _answered_job(result) -> Job:
+    """A finished streaming job holding ``result`` (its decision, then its end), for answers made
+    without the worker (a proxy's refusal): :func:`_stream` sends them as it sends any other."""
+    job = Job("generate", None, None, events=AsyncChannel())
+    job.events.put(("decision", result.decision))
+    job.events.put(("done", result))
+    job.future.set_result(result)
+    return job
+
+
 async def _run(engine: Engine, job: Job, settings: ServerSettings):
     try:
         return await engine.run(job, settings.request_timeout_s)
@@ -307,15 +346,20 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     settings = settings or ServerSettings()
     metrics = engine.metrics if engine is not None else Metrics()
     owns_engine = engine is None
+    upstream = Upstream.from_settings(settings, metrics) if settings.proxy else None  # the key's variable first
     if engine is None:
         engine = Engine.from_settings(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        if upstream is not None:
+            upstream.start()
         try:
             yield
         finally:
+            if upstream is not None:
+                await upstream.close()
             if owns_engine:
                 await asyncio.to_thread(engine.close)
 
@@ -324,6 +368,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.upstream = upstream
     app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -347,8 +392,14 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
     @app.get("/health")
     async def health(engine: Engine = Depends(get_engine), settings: ServerSettings = Depends(get_settings)):
-        return {"status": "ok", "model": settings.model_id, "policy": engine.policy.name,
-                "queue_depth": engine.queue_depth}
+        body = {"status": "ok", "mode": "proxy" if upstream is not None else "direct", "model": settings.model_id,
+                "policy": engine.policy.name, "queue_depth": engine.queue_depth}
+        if upstream is None:
+            return body
+        body["upstream"] = await upstream.probe()
+        if not body["upstream"]["reachable"]:  # a load balancer takes this replica out until the engine is back
+            return JSONResponse({**body, "status": "upstream_unreachable"}, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request):
@@ -385,15 +436,27 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
                 "model": settings.model_id, "safety": _safety_field(decision, engine.policy.name)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, engine: Engine = Depends(get_engine),
+    async def chat_completions(req: ChatCompletionRequest, request: Request, engine: Engine = Depends(get_engine),
                                settings: ServerSettings = Depends(get_settings)):
         _check_model(req.model, settings)
         generation = _generation(req, settings)
         stops = _stops(req.stop)
         overrides = _overrides(req.safety, engine)
-        image, messages = await _convert_messages(req.messages, settings)
+        fetched: dict[str, str] = {}
+        image, messages = await _convert_messages(req.messages, settings, fetched)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        if upstream is not None:
+            decision = await _run(engine, Job("classify", image, messages, overrides), settings)
+            if decision.action == "refuse":  # answered here: the upstream never sees it
+                result = GuardedResult.from_decision(decision, decision.refusal)
+                if req.stream:
+                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                    return StreamingResponse(
+                        _stream(_answered_job(result), engine, settings, completion_id, created, stops, include_usage),
+                        media_type="text/event-stream", headers={"cache-control": "no-cache"})
+                return _completion_body(result, completion_id, created, settings, engine.policy.name)
+            return await _forward(request, req, decision, upstream, engine, settings, fetched)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             job = Job("generate", image, messages, overrides, generation, stops=stops, events=AsyncChannel())
@@ -407,24 +470,31 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
                 headers={"cache-control": "no-cache"},
             )
         result = await _run(engine, Job("generate", image, messages, overrides, generation, stops=stops), settings)
-        text, finish = result.text, _FINISH.get(result.finish_reason, "stop")  # stops were applied by the engine
-        refused = result.action == "refuse"
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": settings.model_id,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": text if refused else None},
-                "finish_reason": finish,
-                "logprobs": None,
-            }],
-            "usage": _usage(result),
-            "safety": _safety_field(result, engine.policy.name),
-        }
+        return _completion_body(result, completion_id, created, settings, engine.policy.name)
 
     return app
+
+
+async def _forward(request: Request, req: ChatCompletionRequest, decision, upstream: Upstream, engine: Engine,
+                   settings: ServerSettings, fetched: dict[str, str]):
+    """Guard proxy: send an allowed or hinted request upstream and relay its answer with the
+    ``safety`` field. The client's own JSON goes (every parameter it sent, its image URLs
+    unchanged), with the hint inserted as the policy says."""
+    body = json.loads(await request.body())  # FastAPI already read and validated it: this is the cached copy
+    forwarded = forward_body(body, model=upstream.model, hint=decision.hint if decision.action == "hint" else None,
+                             hint_position=engine.policy.hint_position, default_max_tokens=settings.default_max_tokens,
+                             image_urls=fetched)
+    safety = _safety_field(decision, engine.policy.name)
+    if req.stream:
+        deadline = time.monotonic() + settings.request_timeout_s
+        response = await upstream.open_stream(forwarded)  # an upstream error is an HTTP error, before any event
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            upstream.relay(response, model_id=settings.model_id, safety=safety, include_usage=include_usage,
+                           deadline=deadline),
+            media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    answer = await upstream.complete(forwarded)
+    return {**answer, "model": settings.model_id, "safety": safety}
 
 
 async def _stream(job: Job, engine: Engine, settings: ServerSettings, completion_id: str, created: int,
@@ -516,6 +586,34 @@ def _version() -> str:
 _STARTED = int(time.time())
 
 
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0, log_level: str = "warning"):
+    """Serve ``app`` with uvicorn in a background thread (tests, benchmarks, notebooks); yields
+    its base URL (``port=0``: a free port). The server stops when the block ends."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            sock.close()
+            raise RuntimeError(f"the server on {host} did not start within {timeout:g} s")
+        time.sleep(0.02)
+    try:
+        yield f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
 def run_server(settings: ServerSettings) -> None:
     """Load the model and serve until interrupted (uvicorn)."""
     import uvicorn
@@ -526,4 +624,5 @@ def run_server(settings: ServerSettings) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
-__all__ = ["GatewayMiddleware", "api_key_error", "create_app", "get_engine", "get_settings", "run_server"]
+__all__ = ["GatewayMiddleware", "api_key_error", "create_app", "get_engine", "get_settings", "run_server",
+           "serve_in_thread"]

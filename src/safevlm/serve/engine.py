@@ -95,7 +95,8 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings, metrics: Metrics | None = None) -> Engine:
-        """Load the model, processor and policy named by :class:`ServerSettings`."""
+        """Load the model, processor and policy named by :class:`ServerSettings`. A guard proxy
+        (``settings.upstream``) loads only what the guard reads (no language-model layers)."""
         from safevlm.loading import load_model_and_processor
         from safevlm.policy import load_policy
 
@@ -103,7 +104,13 @@ class Engine:
             raise ValueError("no model: pass --model DIR (or set SAFEVLM_MODEL)")
         policy = load_policy(settings.policy)
         model, processor = load_model_and_processor(settings.model, settings.adapter, device=settings.device,
-                                                    dtype=settings.dtype, allow_base_mismatch=settings.allow_base_mismatch)
+                                                    dtype=settings.dtype, allow_base_mismatch=settings.allow_base_mismatch,
+                                                    guard_only=settings.proxy)
+        if settings.proxy and model.config.num_prefix_tokens:
+            logger.warning(
+                "the adapter was trained with %d prefix safety tokens; the upstream engine cannot insert them, "
+                "so its answers follow the hint and the LoRA only (train with num_prefix_tokens: 0 for proxy "
+                "mode, docs/serve.md)", model.config.num_prefix_tokens)
         return cls(model, processor, policy, settings.max_batch_size, settings.batch_wait_ms, settings.max_queue, metrics)
 
     # -- lifecycle --------------------------------------------------------------------------------

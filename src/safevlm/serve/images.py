@@ -121,14 +121,31 @@ async def fetch_remote(url: str, settings) -> bytes:
     return b"".join(chunks)
 
 
-async def load_image(url: str, settings):
-    """A validated RGB PIL image from a data: URL or (when allowed) an http(s) URL."""
+async def load_image(url: str, settings, fetched: dict[str, str] | None = None):
+    """A validated RGB PIL image from a data: URL or (when allowed) an http(s) URL.
+
+    ``fetched``: when given, a downloaded image's bytes are recorded there as a data URL
+    (``{url: "data:image/...;base64,..."}``): the guard proxy forwards those bytes, the ones the
+    guard judged, never the URL (which could serve another image the second time)."""
     from starlette.concurrency import run_in_threadpool
 
     kind, raw = await run_in_threadpool(decode_image_url, url, settings)
     if kind == "remote":
         raw = await fetch_remote(url, settings)
-    return await run_in_threadpool(open_image, raw, settings.max_image_pixels)
+    image = await run_in_threadpool(open_image, raw, settings.max_image_pixels)
+    if kind == "remote" and fetched is not None:
+        fetched[url] = f"data:{_media_type(raw)};base64," + base64.b64encode(raw).decode("ascii")
+    return image
+
+
+_SIGNATURES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"))
+
+
+def _media_type(raw: bytes) -> str:
+    """The media type of image bytes :func:`open_image` accepted, from their signature."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return next((media for magic, media in _SIGNATURES if raw.startswith(magic)), "application/octet-stream")
 
 
 __all__ = ["ALLOWED_FORMATS", "decode_image_url", "fetch_remote", "load_image", "open_image", "parse_data_url"]

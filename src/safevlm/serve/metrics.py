@@ -4,8 +4,9 @@ Every :class:`Metrics` owns its own ``CollectorRegistry`` (never the process-wid
 two apps in one process, or two tests, never share counts.
 
 Counters: requests by endpoint and status, safety actions by action and risk type, head
-errors, prompt and completion tokens (as reported in ``usage``). Histograms: request latency
-by endpoint, requests per model call. Gauge: queue depth.
+errors, prompt and completion tokens (as reported in ``usage``), and in proxy mode upstream
+requests by outcome. Histograms: request latency by endpoint, requests per model call,
+upstream latency. Gauge: queue depth.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class Metrics:
         self.batch_size = Histogram("safevlm_batch_size", "Requests per model call.", buckets=BATCH_BUCKETS,
                                     registry=r)
         self.queue_depth = Gauge("safevlm_queue_depth", "Requests waiting for the model.", registry=r)
+        # guard proxy only: what the upstream engine answered
+        self.upstream_requests = Counter("safevlm_upstream_requests_total",
+                                         "Requests forwarded to the upstream, by its HTTP status or by "
+                                         "timeout / unreachable / invalid_response.", ["outcome"], registry=r)
+        self.upstream_duration = Histogram("safevlm_upstream_duration_seconds",
+                                           "Upstream latency (until its last byte).", buckets=LATENCY_BUCKETS,
+                                           registry=r)
 
     def count_decision(self, decision) -> None:
         """One policy decision (a :class:`~safevlm.policy.Decision` or a guarded result)."""

@@ -71,8 +71,35 @@ class ServerSettings(BaseSettings):
         "info", description="Server log level."
     )
 
+    # -- guard proxy (docs/serve.md, "guard in front of vLLM") -----------------------------------
+    upstream: str | None = Field(
+        None, description="Guard proxy: the API root (http://host:port/v1) of an OpenAI-compatible server "
+        "(vLLM, SGLang, TGI) that generates. This server then loads only the guard and forwards allowed and "
+        "hinted requests there; refusals never reach it."
+    )
+    upstream_model: str | None = Field(
+        None, description="The model id sent to the upstream (default: the served model name)."
+    )
+    upstream_api_key_env: str | None = Field(
+        None, description="Name of the environment variable that holds the upstream's API key (sent as "
+        "'Authorization: Bearer'; never logged)."
+    )
+    upstream_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for the upstream: a whole plain answer, a stream's first "
+        "bytes, or a stream's next chunk (HTTP 504 after)."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
+        if self.upstream is not None:
+            url = self.upstream.strip().rstrip("/")
+            if not url.startswith(("http://", "https://")) or "://" == url[-3:]:
+                raise ValueError(f"upstream must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.upstream!r}")
+            self.upstream = url
+        else:
+            given = [name for name in ("upstream_model", "upstream_api_key_env") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with upstream (the guard proxy); set upstream too")
         if self.default_max_tokens > self.max_tokens:
             if "default_max_tokens" not in self.model_fields_set:
                 self.default_max_tokens = self.max_tokens
@@ -91,6 +118,11 @@ class ServerSettings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    @property
+    def proxy(self) -> bool:
+        """Whether this server is a guard proxy in front of an upstream engine."""
+        return self.upstream is not None
 
 
 def _flag_type(annotation):

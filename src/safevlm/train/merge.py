@@ -10,6 +10,17 @@ beside it ``safety_adapter/`` with the safety modules only (no ``lora/``)::
 Load it with ``SafeVLM.from_pretrained(out_dir, out_dir / "safety_adapter")``: no peft at
 inference, and the same outputs as base + adapter (up to float rounding of the merge).
 The folder is written under a temporary name and renamed when complete.
+
+``export_lora(base, adapter_dir, out_dir)`` (``safevlm merge --lora-only``) writes instead the
+stage-2 LoRA alone, for an inference engine that serves LoRA adapters on the unmodified base
+(vLLM's ``--lora-modules name=out_dir``; docs/serve.md)::
+
+    out_dir/adapter_config.json, adapter_model.safetensors, safevlm_merge.json
+
+with the module names vLLM uses for the LLaVA HF checkpoint: the language model's layers under
+``language_model.model.`` (transformers >= 4.52 names them ``model.language_model.``; vLLM's
+``hf_to_vllm_mapper`` maps the one to the other, and names already in vLLM's form load in
+versions with and without that mapping), ``target_modules`` as a plain list of layer names.
 """
 
 from __future__ import annotations
@@ -22,6 +33,22 @@ from pathlib import Path
 
 SAFETY_ADAPTER_DIR = "safety_adapter"
 MERGE_INFO_NAME = "safevlm_merge.json"
+
+
+def _check_paths(base, adapter_dir, out_dir, overwrite: bool, verb: str) -> tuple[Path, Path, Path]:
+    """(adapter_dir, out_dir, the adapter's lora/ folder) once the paths are fit to read and write."""
+    from safevlm.model import LORA_DIR
+    from safevlm.paths import check_disjoint
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    # replacing out_dir must never delete what is read (--out inside --base, ...)
+    check_disjoint(out_dir, {"--base": base if os.path.isdir(str(base)) else None, "--adapter": adapter_dir})
+    lora = adapter_dir / LORA_DIR
+    if not lora.is_dir():
+        raise FileNotFoundError(f"no {LORA_DIR}/ in {adapter_dir}: only stage-2 adapters have a LoRA to {verb}")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    return adapter_dir, out_dir, lora
 
 
 def merge_lora(
@@ -59,18 +86,10 @@ def merge_lora(
         resolve_dtype,
         stored_dtype,
     )
-    from safevlm.model import LORA_DIR, WEIGHTS_NAME
-    from safevlm.paths import check_disjoint
+    from safevlm.model import WEIGHTS_NAME
     from safevlm.train.checkpoint import replace_dir
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    # replacing out_dir must never delete what is read (--out inside --base, ...)
-    check_disjoint(out_dir, {"--base": base if os.path.isdir(str(base)) else None, "--adapter": adapter_dir})
-    lora = adapter_dir / LORA_DIR
-    if not lora.is_dir():
-        raise FileNotFoundError(f"no {LORA_DIR}/ in {adapter_dir}: only stage-2 adapters have a LoRA to merge")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    adapter_dir, out_dir, lora = _check_paths(base, adapter_dir, out_dir, overwrite, "merge")
     safety_config = SafetyConfig.load(adapter_dir)
     target = stored_dtype(base) if dtype in (None, "stored") else resolve_dtype(dtype, "cpu")
 
@@ -100,4 +119,103 @@ def merge_lora(
     return out_dir
 
 
-__all__ = ["MERGE_INFO_NAME", "SAFETY_ADAPTER_DIR", "merge_lora"]
+# vLLM's module-name prefixes of the language model, per base model type: (prefix in the peft
+# file after "base_model.model.", prefix vLLM uses). The first matching pair renames a key.
+VLLM_LANGUAGE_MODEL_PREFIXES = {
+    "llava": (("model.language_model.", "language_model.model."),  # transformers >= 4.52
+              ("language_model.model.", "language_model.model.")),  # older checkpoints: already vLLM's
+}
+PEFT_PREFIX = "base_model.model."
+
+
+def export_lora(
+    base: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    allow_base_mismatch: bool = False,
+) -> Path:
+    """Write ``adapter_dir/lora`` as a peft LoRA folder an inference engine loads on the
+    unmodified base (vLLM: ``--enable-lora --lora-modules NAME=out_dir``); returns ``out_dir``.
+
+    The tensors are copied unchanged (same dtype, rank ``r`` and ``lora_alpha``); only their
+    names change, to vLLM's for the base's model type (:data:`VLLM_LANGUAGE_MODEL_PREFIXES`).
+    The base is checked against the adapter as in :func:`merge_lora` (its weights are not
+    loaded). Refused: a LoRA on anything but the language model, DoRA, per-layer ranks, extra
+    trained modules or biases (none of which vLLM serves). An adapter trained with prefix
+    safety tokens gets a warning: the engine cannot insert them, so its answers are not the
+    in-process ones (train with ``model.safety.num_prefix_tokens=0`` for that).
+    """
+    import logging
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from safevlm.bases import precheck_adapter
+    from safevlm.config import SafetyConfig
+    from safevlm.train.checkpoint import replace_dir
+
+    adapter_dir, out_dir, lora = _check_paths(base, adapter_dir, out_dir, overwrite, "export")
+    safety_config = SafetyConfig.load(adapter_dir)
+    prefixes = VLLM_LANGUAGE_MODEL_PREFIXES.get(safety_config.base_model_type)
+    if prefixes is None:
+        raise ValueError(f"{adapter_dir}: --lora-only knows vLLM's module names for "
+                         f"{', '.join(VLLM_LANGUAGE_MODEL_PREFIXES)} bases, not {safety_config.base_model_type!r}; "
+                         "use safevlm merge without --lora-only and serve the merged folder")
+    config_path = lora / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    unsupported = {
+        "use_dora": "DoRA", "modules_to_save": "extra trained modules (modules_to_save)",
+        "rank_pattern": "per-layer ranks (rank_pattern)", "alpha_pattern": "per-layer alphas (alpha_pattern)",
+    }
+    for key, what in unsupported.items():
+        if config.get(key):
+            raise ValueError(f"{config_path}: {key} is set; vLLM does not serve {what}")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{config_path}: bias is {config['bias']!r}; vLLM serves LoRA without biases ('none')")
+    precheck_adapter(base, adapter_dir, allow_base_mismatch)  # a wrong base fails here, as in merge_lora
+
+    weights = lora / "adapter_model.safetensors"
+    renamed = {}
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            name = key.removeprefix(PEFT_PREFIX)
+            for old, new in prefixes:
+                if name.startswith(old):
+                    renamed[PEFT_PREFIX + new + name[len(old):]] = f.get_tensor(key).contiguous()
+                    break
+            else:
+                raise ValueError(f"{weights}: {key} is not a LoRA weight of the language model; "
+                                 "vLLM serves LoRA on the language model only")
+    if not renamed:
+        raise ValueError(f"{weights} holds no LoRA weights")
+    layer_names = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in renamed})
+    out_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "inference_mode": True,
+        "base_model_name_or_path": str(base),
+        "r": config["r"], "lora_alpha": config["lora_alpha"], "lora_dropout": 0.0,
+        "target_modules": layer_names, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": bool(config.get("use_rslora", False)), "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    if safety_config.num_prefix_tokens:
+        logging.getLogger("safevlm.merge").warning(
+            "%s was trained with %d prefix safety tokens, which an inference engine cannot insert: served this "
+            "way its answers are not the in-process ones (train with model.safety.num_prefix_tokens=0)",
+            adapter_dir, safety_config.num_prefix_tokens)
+
+    staging = out_dir.with_name(f".staging-{out_dir.name}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    save_file(renamed, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (staging / "adapter_config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    info = {"base": str(base), "adapter": str(adapter_dir), "lora_only": True, "module_names": "vllm",
+            "num_prefix_tokens": safety_config.num_prefix_tokens}
+    (staging / MERGE_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    replace_dir(staging, out_dir)
+    return out_dir
+
+
+__all__ = ["MERGE_INFO_NAME", "PEFT_PREFIX", "SAFETY_ADAPTER_DIR", "VLLM_LANGUAGE_MODEL_PREFIXES", "export_lora",
+           "merge_lora"]

@@ -407,7 +407,14 @@ def run_stage(
 
     # -- vision-feature cache -----------------------------------------------------------------
     cache_info = None
-    if config.cache.enabled:
+    use_cache = config.cache.enabled
+    if use_cache and model.config.variable_image_features:
+        # the cache stores one (N, Dv) tensor per image; these bases give every image size its own N
+        logger.warning("cache.enabled is ignored: %s bases give each image its own number of vision features, "
+                       "which the feature cache does not hold; images go through the vision tower in training",
+                       model.config.base_model_type)
+        use_cache = False
+    if use_cache:
         cache, keys, computed = prepare_feature_cache(
             model, processor, list(train_records) + val_records, image_root, config, args.device, state, quiet
         )

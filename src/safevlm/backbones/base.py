@@ -1,0 +1,384 @@
+"""The backbone interface: what safevlm needs from a Hugging Face VLM family, and nothing more.
+
+A backbone is a thin view over a loaded base model (never owning or renaming its weights).
+:class:`~safevlm.model.SafeVLM` reaches the base only through these hooks, in this order::
+
+    inputs   = process_images(processor, images)        # pixel tensors + image tokens per image
+    vision   = backbone.vision_features(**inputs)       # THE one vision-tower pass
+    safety   = vision.features / lengths / grids        # what the safety projector reads
+    embeds   = backbone.scatter_image_embeds(...)       # base projector -> image tokens
+    anchor   = backbone.prefix_anchor(...)              # where the P prefix safety tokens go
+    [insert P tokens at anchor: embeds, mask, labels, llm_input_ids]     (SafeVLM, generic)
+    pos      = backbone.positions(llm_input_ids, mask, vision)           # position ids (+ rope deltas)
+    logits   = backbone.language_forward(embeds, mask, pos)              # decoder + LM head
+    tokens   = backbone.generate(model, embeds, mask, pos, **kwargs)     # KV-cache generation
+
+How each hook must behave
+-------------------------
+``vision_features(pixel_values, **image_inputs)``
+    Runs the vision tower exactly once for all images of the batch and returns either the
+    selected features as a tensor (num_images, N, Dv) — families whose every image gives the same
+    N features on a square grid (LLaVA-1.5) — or a :class:`VisionFeatures`. ``image_inputs``
+    are the processor's other outputs that the family names in ``image_input_keys``
+    (``image_sizes`` for LLaVA-NeXT / OneVision, ``image_grid_thw`` for Qwen2-VL).
+``as_vision_features(x)``
+    The :class:`VisionFeatures` view of what ``vision_features`` returned (identity for one).
+``image_token_counts(vision)``
+    (num_images,) long: how many image placeholder tokens each image occupies in ``input_ids``
+    (the processor expands each ``<image>`` to exactly this many; :func:`process_images` reads
+    the processor's own count).
+``scatter_image_embeds(token_embeds, image_mask, vision)``
+    The base projector applied to the features *as the base itself does* (tiles packed,
+    newline tokens added, patches merged) and written over the image tokens in order. With no
+    prefix tokens, ``language_forward`` on the result must reproduce the base's own logits.
+``prefix_anchor(input_ids, image_mask, attention_mask)``
+    (B,) index where each sample's P prefix tokens are inserted: by default the first image
+    token (the first attended token without an image). A family whose image is wrapped in
+    start/end markers that its position scheme reads (Qwen2-VL's ``<|vision_start|>``) must
+    anchor before the marker, so that the image block stays contiguous.
+``positions(llm_input_ids, attention_mask, vision)``
+    :class:`Positions` for the LLM input *after* the prefix tokens were inserted.
+    ``llm_input_ids`` (B, L+P) holds the prompt's ids with :data:`PREFIX_TOKEN_ID` (-1, never a
+    vocabulary id) at the prefix positions and the image tokens where they sit, so a family
+    that derives positions from the image layout (Qwen2-VL's M-RoPE ``get_rope_index`` with
+    ``image_grid_thw``) counts the prefix tokens as text. Default: 1-D positions counted over
+    attended tokens, (B, L+P), no rope deltas. M-RoPE returns position_ids (3, B, L+P) and
+    ``rope_deltas`` (B, 1) = max position + 1 - sequence length, which decoding steps add to
+    ``cache_position``.
+``language_forward(inputs_embeds, attention_mask, positions)``
+    Decoder + LM head on embeddings -> logits (B, L+P, vocab).
+``generate(model, inputs_embeds, attention_mask, positions, **kwargs)``
+    KV-cache generation from embeddings; returns the new tokens only (B, T_new). It must
+    continue the positions exactly as a no-cache forward over the growing sequence would
+    (the ``cache_position`` of step t is L+P+t; a 1-D family's next position is the count of
+    attended tokens; an M-RoPE family's is ``cache_position + rope_deltas``). Default: the
+    base's own ``generate(inputs_embeds=..., attention_mask=...)``, which does exactly that for
+    1-D positions.
+
+One image per sample stays the rule for the safety head: every family here gives one
+:class:`VisionFeatures` row per image, and a sample reads the row of its own image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+PREFIX_TOKEN_ID = -1  # marks the prefix safety tokens in the LLM-side input ids (not a vocabulary id)
+TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts ``labels[:, t + 1]``.
+
+    logits (B, L, vocab), labels (B, L) with -100 where nothing is supervised -> scalar (float32),
+    the mean over supervised tokens. A batch with no supervised token gives 0 that still
+    belongs to the graph (so every rank of a distributed run takes part in backward).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits cover {tuple(logits.shape[:2])} (batch, tokens) but labels {tuple(labels.shape)}")
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions (B, L) counted over attended tokens, as Hugging Face generation does (padding: 1)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+# ----------------------------------------------------------------------------------- data types
+@dataclass
+class VisionFeatures:
+    """One vision pass over a batch of images, in the forms its two readers need.
+
+    Safety side (what the safety projector reads), one row per image:
+
+    * ``features`` (num_images, N_max, Dv): each image's selected vision features, *before* the
+      base projector, in the order the base lays the image out (LLaVA-NeXT: the base tile, then
+      the tiles' unpadded high-resolution grid row by row; no newline tokens, which exist only
+      after projection), padded at the end;
+    * ``lengths`` (num_images,) long: valid features per image (the rest is padding);
+    * ``grids`` (num_images, 3) long: ``(offset, rows, cols)`` of the image's own 2-D feature grid
+      inside its row (``features[i, offset:offset + rows * cols]`` row-major): what the
+      ``cabstractor`` pools to M tokens.
+
+    Base side: ``base_inputs``, one entry per image, whatever the family's base projector path
+    reads (LLaVA-NeXT: the image's tiles (num_tiles, N, Dv)); ``meta``: per-image tensors with
+    the image on dim 0 that the family needs again later (``image_sizes``, ``image_grid_thw``).
+
+    ``index_select(0, rows)`` / ``device`` / ``shape`` mirror a tensor's, so code that picks the
+    rows of some images works on both forms.
+    """
+
+    features: torch.Tensor
+    lengths: torch.LongTensor
+    grids: torch.LongTensor
+    base_inputs: tuple | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.features.shape
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(num_images, N_max) bool, True at valid features."""
+        n = self.features.shape[1]
+        return torch.arange(n, device=self.features.device).unsqueeze(0) < self.lengths.to(self.features.device).unsqueeze(1)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "VisionFeatures":
+        """The features of the images ``index`` (dim must be 0), padding trimmed to the longest."""
+        if dim != 0:
+            raise ValueError(f"VisionFeatures select images (dim 0), got dim {dim}")
+        rows = index.to(self.features.device)
+        lengths = self.lengths.to(rows.device).index_select(0, rows)
+        width = int(lengths.max()) if lengths.numel() else 0
+        cpu_rows = rows.tolist()
+        return VisionFeatures(
+            features=self.features.index_select(0, rows)[:, :width],
+            lengths=lengths,
+            grids=self.grids.to(rows.device).index_select(0, rows),
+            base_inputs=None if self.base_inputs is None else tuple(self.base_inputs[r] for r in cpu_rows),
+            meta={k: v.index_select(0, torch.tensor(cpu_rows, dtype=torch.long, device=v.device)) for k, v in self.meta.items()},
+        )
+
+    def to(self, *args, **kwargs) -> "VisionFeatures":
+        """Floating tensors cast / moved as ``Tensor.to``; integer ones only moved."""
+        def move(t):
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+            return t if device is None else t.to(device)
+
+        return replace(
+            self,
+            features=move(self.features),
+            lengths=move(self.lengths),
+            grids=move(self.grids),
+            base_inputs=None if self.base_inputs is None else tuple(move(t) for t in self.base_inputs),
+            meta={k: move(v) for k, v in self.meta.items()},
+        )
+
+    @classmethod
+    def pad(cls, per_image: list[torch.Tensor], grids: list[tuple[int, int, int]], **kwargs) -> "VisionFeatures":
+        """Stack per-image feature sequences (n_i, Dv) into a padded batch."""
+        lengths = torch.tensor([t.shape[0] for t in per_image], dtype=torch.long, device=per_image[0].device)
+        width = int(lengths.max())
+        padded = per_image[0].new_zeros((len(per_image), width, per_image[0].shape[-1]))
+        for i, t in enumerate(per_image):
+            padded[i, : t.shape[0]] = t
+        return cls(padded, lengths, torch.tensor(grids, dtype=torch.long, device=padded.device), **kwargs)
+
+
+@dataclass
+class Positions:
+    """Position ids of the LLM input: ``position_ids`` (B, L) for 1-D RoPE families, (3, B, L)
+    for M-RoPE (Qwen2-VL); ``rope_deltas`` (B, 1) for M-RoPE, else None."""
+
+    position_ids: torch.Tensor
+    rope_deltas: torch.Tensor | None = None
+
+
+@dataclass
+class ImageInputs:
+    """The processor's tensors for a list of images and the image tokens each occupies.
+
+    ``tensors``: ``pixel_values`` and the family's other image keys (``image_sizes``...), image
+    on dim 0; ``num_tokens``: image placeholder tokens per image, as the processor expands them.
+    """
+
+    tensors: dict
+    num_tokens: list[int]
+
+    def to(self, device, dtype=None) -> "ImageInputs":
+        """Floating tensors to ``device`` / ``dtype``, the others to ``device`` only."""
+        moved = {
+            k: (v.to(device=device, dtype=dtype) if v.is_floating_point() and dtype is not None else v.to(device))
+            for k, v in self.tensors.items()
+        }
+        return ImageInputs(moved, list(self.num_tokens))
+
+    def select(self, rows: list[int]) -> "ImageInputs":
+        """The inputs of images ``rows`` (pixel tensors keep their padding)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return ImageInputs({k: v.index_select(0, index.to(v.device)) for k, v in self.tensors.items()},
+                           [self.num_tokens[r] for r in rows])
+
+
+def process_images(processor, images: list) -> ImageInputs:
+    """Run the family's processor on ``images`` (one ``<image>`` each) and read off the pixel
+    tensors and how many image tokens it expands each image to: the processor's own rule, for
+    any family (fixed grids, anyres tiles, dynamic resolution)."""
+    images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+    if not images:
+        raise ValueError("process_images needs at least one image")
+    tokenizer = processor.tokenizer
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    out = processor(text=[image_token] * len(images), images=images, return_tensors="pt", padding=True)
+    counts = (out["input_ids"] == image_token_id).sum(dim=1).tolist()
+    tensors = {k: v for k, v in out.items() if k not in TEXT_INPUT_KEYS and isinstance(v, torch.Tensor)}
+    return ImageInputs(tensors, [int(c) for c in counts])
+
+
+# ----------------------------------------------------------------------------------- interface
+class Backbone:
+    """Base class of the per-family views; see the module docstring for the hook contract.
+
+    Class facts a family states:
+
+    * ``family``: the name users type (``--family``, ``tiny:<family>_<preset>``);
+    * ``model_types``: the ``config.model_type`` values it serves;
+    * ``model_class_name``: the plain transformers class that loads such a folder;
+    * ``image_input_keys``: processor outputs the vision pass needs besides ``pixel_values``;
+    * ``variable_image_features``: whether images give different numbers of features;
+    * ``fingerprint_tensors``: checkpoint-key suffixes a base fingerprint samples (none a LoRA
+      target, so a merged model keeps its fingerprint);
+    * ``lora_target_modules``: the language model's linear layers (what ``all-linear`` LoRA wraps).
+    """
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    model_class_name: ClassVar[str] = ""
+    image_input_keys: ClassVar[tuple[str, ...]] = ()
+    variable_image_features: ClassVar[bool] = False
+    fingerprint_tensors: ClassVar[tuple[str, ...]] = ()
+    lora_target_modules: ClassVar[tuple[str, ...]] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+
+    def __init__(self, model: nn.Module):
+        if not hasattr(model, "model") or not hasattr(model, "lm_head"):
+            raise ValueError(
+                f"{type(model).__name__} does not look like {self.model_class_name} (needs .model and .lm_head)"
+            )
+        self.model = model
+        self.config = model.config
+
+    @classmethod
+    def model_class(cls):
+        """The transformers class of this family (``from_pretrained`` loads its folders)."""
+        import transformers
+
+        return getattr(transformers, cls.model_class_name)
+
+    @staticmethod
+    def config_facts(config) -> dict:  # pragma: no cover - every family overrides it
+        raise NotImplementedError
+
+    # -- modules -------------------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings (B, L, D)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    # -- vision --------------------------------------------------------------------------------
+    def selected_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One vision-tower pass over crops (n, C, H, W) -> selected features (n, N, Dv): the
+        configured layer(s), concatenated, without the CLS feature for the 'default' strategy."""
+        config = self.config
+        layer = config.vision_feature_layer
+        dtype = next(self.vision_tower.parameters()).dtype
+        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        hidden = [outputs.hidden_states[i] for i in layers]
+        if config.vision_feature_select_strategy == "default":
+            hidden = [h[:, 1:] for h in hidden]
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+
+    def vision_features(self, pixel_values: torch.Tensor, **image_inputs):  # pragma: no cover
+        raise NotImplementedError
+
+    def as_vision_features(self, vision) -> VisionFeatures:
+        if isinstance(vision, VisionFeatures):
+            return vision
+        raise TypeError(f"{type(self).__name__} expects VisionFeatures, got {type(vision).__name__}")
+
+    def image_token_counts(self, vision) -> torch.LongTensor:
+        """(num_images,) image tokens per image in ``input_ids``."""
+        raise NotImplementedError  # pragma: no cover
+
+    def scatter_image_embeds(self, token_embeds, image_mask, vision) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _scatter(token_embeds: torch.Tensor, image_mask: torch.Tensor, image_embeds: torch.Tensor, detail: str):
+        """Write image embeds (T, D) over the T image tokens of ``image_mask`` (B, L), in order."""
+        n_tokens = int(image_mask.sum())
+        if n_tokens != image_embeds.shape[0]:
+            raise ValueError(f"got {image_embeds.shape[0]} image features ({detail}) but {n_tokens} image tokens in the prompt")
+        mask = image_mask.to(token_embeds.device).unsqueeze(-1)
+        return token_embeds.masked_scatter(mask, image_embeds.to(token_embeds.device, token_embeds.dtype))
+
+    # -- prefix tokens and positions -------------------------------------------------------------
+    def prefix_anchor(self, input_ids, image_mask, attention_mask) -> torch.LongTensor:
+        """(B,) where the prefix tokens go: the first image token, else the first attended token."""
+        has_image = image_mask.any(dim=1)
+        return torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
+
+    def positions(self, llm_input_ids, attention_mask, vision=None) -> Positions:
+        """1-D positions counted over attended tokens (B, L+P): left padding shifts nothing."""
+        return Positions(position_ids_from_mask(attention_mask))
+
+    # -- language model --------------------------------------------------------------------------
+    def language_forward(self, inputs_embeds, attention_mask, positions=None, **kwargs) -> torch.Tensor:
+        """Run the decoder and LM head on embeddings (B, L, D); returns logits (B, L, vocab).
+
+        ``positions``: a :class:`Positions`, a position-id tensor, or None for
+        :meth:`positions` from the mask (left padding does not shift positions).
+        """
+        if positions is None:
+            positions = self.positions(None, attention_mask)
+        position_ids = positions.position_ids if isinstance(positions, Positions) else positions
+        out = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        return self.lm_head(out[0])
+
+    def generate(self, model, inputs_embeds, attention_mask, positions: Positions | None = None, **kwargs):
+        """KV-cache generation from embeddings (the base's ``generate``; 1-D positions follow the
+        attention mask there, as in :meth:`positions`). Returns the new tokens (B, T_new)."""
+        return model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+__all__ = [
+    "Backbone",
+    "IGNORE_INDEX",
+    "ImageInputs",
+    "PREFIX_TOKEN_ID",
+    "Positions",
+    "VisionFeatures",
+    "causal_lm_loss",
+    "position_ids_from_mask",
+    "process_images",
+]
