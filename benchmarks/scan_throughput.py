@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         write_images(folder, args.images, args.seed)
         items = [it for li in enumerate_inputs([str(folder)]) for it in li.items]
         batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
-        n_features = models["mlp"].config.num_image_features
+        n_features = models["mlp"].backbone.fixed_image_tokens
         runs = {"n": 0}
 
         def vision_only():
@@ -151,7 +151,9 @@ def main(argv=None) -> int:
             try:
                 with torch.inference_mode():
                     for batch, payload in zip(batches, loader):
-                        features = models["mlp"].encode_images(payload["pixel_values"].to(device, non_blocking=True))
+                        tensors = payload["image_inputs"].tensors
+                        features = models["mlp"].encode_images(
+                            **{k: v.to(device, non_blocking=True) for k, v in tensors.items()})
                         norms = features.float().norm(dim=-1).mean(dim=-1).cpu().tolist()  # a result per image
                         out.append([{"id": it.id, "sha256": p.sha256, "width": p.width, "height": p.height,
                                      "feature_norm": v} for it, p, v in zip(batch, payload["prepared"], norms)])

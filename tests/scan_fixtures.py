@@ -63,9 +63,9 @@ def pooled_state(model, processor, image, prompt=None):
     import torch
 
     from safevlm.data.chat import build_messages
-    from safevlm.guarded import encode as encode_chat, pad_left, pixel_values
+    from safevlm.guarded import encode as encode_chat, pad_left
 
-    features = model.encode_images(pixel_values(processor, [image]))
+    features = model.encode_images(**model.backbone.image_inputs(processor, [image]).tensors)
     if prompt is None:
         out = model.guard(None, vision_features=features)
     else:

@@ -202,10 +202,18 @@ def test_classify_runs_on_a_guard_only_model(folders):
     assert [(d.risk_level, d.risk_type, d.action) for d in got] == [(d.risk_level, d.risk_type, d.action) for d in want]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
-def test_anyres_families_load_guard_only_from_sharded_folders(tmp_path, family, spy):
-    """LLaVA-NeXT / OneVision (tiles, unpadding): guard-only gives the full model's decisions,
-    and their language model's tensors are never read either."""
+# what a guard-only load may read of each family's checkpoint (its on-disk names): the vision
+# tower and the token embeddings (LLaVA-NeXT / OneVision: and the newline embedding)
+_LLAVA_GUARD_READS = ("vision_tower.", "language_model.model.embed_tokens.weight", "image_newline")
+_QWEN_GUARD_READS = ("visual.", "model.embed_tokens.weight")
+
+
+@pytest.mark.parametrize("family, reads", [("llava_next", _LLAVA_GUARD_READS), ("llava_onevision", _LLAVA_GUARD_READS),
+                                           ("qwen2_vl", _QWEN_GUARD_READS), ("qwen2_5_vl", _QWEN_GUARD_READS)])
+def test_anyres_families_load_guard_only_from_sharded_folders(tmp_path, family, reads, spy):
+    """LLaVA-NeXT / OneVision (tiles, unpadding) and Qwen2-VL / Qwen2.5-VL (dynamic resolution):
+    guard-only gives the full model's decisions, and their language model's tensors are never
+    read either."""
     from conftest import make_image
 
     from safevlm.compat import quiet_loading
@@ -225,8 +233,7 @@ def test_anyres_families_load_guard_only_from_sharded_folders(tmp_path, family, 
 
     spy.tensors.clear()
     guard, processor = load_model_and_processor(tmp_path / "base", tmp_path / "adapter", device="cpu", guard_only=True)
-    assert spy.tensors and not [k for k in spy.tensors if not k.startswith("vision_tower.")
-                                and k not in ("language_model.model.embed_tokens.weight", "image_newline")]
+    assert spy.tensors and not [k for k in spy.tensors if not k.startswith(reads)]
     full, _ = load_model_and_processor(tmp_path / "base", tmp_path / "adapter", device="cpu")
     images = [make_image(0, size=40), make_image(1, size=24)]  # different sizes: different tile grids
     got, want = classify(guard, processor, images, PROMPTS), classify(full, processor, images, PROMPTS)

@@ -33,13 +33,13 @@ def test_recomputed_attention_reproduces_every_head_layer(with_prompt):
     images, prepared = [], []
     for k, picture in enumerate(pictures):
         prepared.append(loader.prepare(Item(k, str(k), "x", "x", "bytes", data=encode(picture)), images))
-    from safevlm.guarded import pixel_values
+    image_inputs = loader.finish(prepared, images)
 
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, args, out: outputs.append(out)) for layer in model.safety_head.layers]
     try:
         with captured_head_inputs(model.safety_head) as calls:
-            run_guard(model, processor, prepared, pixel_values(processor, images))
+            run_guard(model, processor, prepared, image_inputs)
     finally:
         for hook in hooks:
             hook.remove()
@@ -61,7 +61,6 @@ def test_recomputed_attention_reproduces_every_head_layer(with_prompt):
 
 @pytest.mark.parametrize("overrides, side", [({}, 4), ({"projector_kind": "cabstractor", "num_safety_features": 4}, 2)])
 def test_attention_map_is_the_patch_grid_or_the_pooled_grid(overrides, side):
-    from safevlm.guarded import pixel_values
     from safevlm.scan.attention import attention_maps, grid_of
     from safevlm.scan.pipeline import ItemBatches
     from safevlm.scan.sources import Item
@@ -71,7 +70,7 @@ def test_attention_map_is_the_patch_grid_or_the_pooled_grid(overrides, side):
     loader = ItemBatches([], processor, model.config.num_image_features, None)
     images = []
     prep = loader.prepare(Item(0, "0", "x", "x", "bytes", data=encode(skimage_pictures(("coffee",))["coffee"])), images)
-    (grid,) = attention_maps(model, processor, [prep], pixel_values(processor, images))
+    (grid,) = attention_maps(model, processor, [prep], loader.finish([prep], images))
     assert grid.shape == (side, side)
     assert float(grid.sum()) == pytest.approx(1.0, abs=1e-5) and float(grid.min()) >= 0.0
 

@@ -32,7 +32,7 @@ def filled(tmp_path, model, tiny_processor):
     records = keyword_records(10, seed=1)
     keys = record_image_keys(records)
     cache = FeatureCache.for_model(tmp_path / "cache", model, tiny_processor.image_processor)
-    computed = cache.fill(image_encoder(model, tiny_processor.image_processor), [(keys[r.id], r) for r in records],
+    computed = cache.fill(image_encoder(model, tiny_processor), [(keys[r.id], r) for r in records],
                           batch_size=4, shard_size=6)
     return records, keys, cache, computed
 
@@ -45,7 +45,7 @@ def test_fill_writes_shards_atomically_and_a_second_fill_computes_nothing(filled
     assert not list(cache.dir.glob("*.tmp")) and (cache.dir / "identity.json").is_file()
     again = FeatureCache.for_model(tmp_path / "cache", model, tiny_processor.image_processor)
     assert len(again) == 10
-    assert again.fill(image_encoder(model, tiny_processor.image_processor), [(keys[r.id], r) for r in records]) == 0
+    assert again.fill(image_encoder(model, tiny_processor), [(keys[r.id], r) for r in records]) == 0
 
 
 def test_cached_features_equal_the_vision_pass(filled, model, tiny_processor):
@@ -138,7 +138,7 @@ def test_other_ranks_shards_are_seen_after_refresh(filled, tmp_path, model, tiny
     other = FeatureCache.for_model(tmp_path / "cache", model, tiny_processor.image_processor)
     extra = keyword_records(2, seed=9, prefix="x")
     extra_keys = record_image_keys(extra)
-    other.fill(image_encoder(model, tiny_processor.image_processor), [(extra_keys[r.id], r) for r in extra])
+    other.fill(image_encoder(model, tiny_processor), [(extra_keys[r.id], r) for r in extra])
     assert extra_keys["x0"] not in cache
     cache.refresh()
     assert extra_keys["x0"] in cache and len(cache) == 12
@@ -150,7 +150,7 @@ def test_fill_splits_the_work_between_ranks(tmp_path, model, tiny_processor):
     records = keyword_records(7, seed=4)
     keys = record_image_keys(records)
     items = [(keys[r.id], r) for r in records]
-    encode = image_encoder(model, tiny_processor.image_processor)
+    encode = image_encoder(model, tiny_processor)
     first = FeatureCache.for_model(tmp_path / "c", model, tiny_processor.image_processor)
     assert first.fill(encode, items, rank=0, world_size=2) == 4
     # rank 1 looks later and already sees rank 0's shard: its share must not shift
@@ -160,3 +160,15 @@ def test_fill_splits_the_work_between_ranks(tmp_path, model, tiny_processor):
     assert not second.missing(keys.values())
     with pytest.raises(ValueError, match="rank must be in"):
         second.fill(encode, items, rank=2, world_size=2)
+
+
+def test_a_fixed_grid_base_keeps_the_format_1_identity(model, tiny_processor):
+    """Variable-length families got their own cache format (2); a LLaVA-1.5 cache keeps the
+    identity it had (same fields, format 1), so caches written before are still found."""
+    identity = cache_identity(model, tiny_processor.image_processor)
+    assert identity["format"] == 1 and set(identity) == {
+        "format", "image_loader", "vision_tower_sha256", "vision_config", "vision_feature_layer",
+        "vision_feature_select_strategy", "image_processor"}
+    assert not FeatureCache("x", identity).variable
+    # the whole processor and its image processor name the same cache
+    assert FeatureCache("x", cache_identity(model, tiny_processor)).namespace == FeatureCache("x", identity).namespace

@@ -59,11 +59,63 @@ def _llava_onevision_qwen2_7b():
     )
 
 
+# Qwen/Qwen2-VL-7B-Instruct's config.json (huggingface.co/Qwen/Qwen2-VL-7B-Instruct/blob/main/config.json),
+# typed in with its own (legacy, text fields at the top level) layout; both transformers lines read
+# it with from_dict, as they read the hub's file. ViT 32 x 1280 (patch 14, 2 x 2 merge units; the
+# merger maps each to 3584), Qwen2-7B LM with M-RoPE. Published: 8,291,375,616 parameters.
+QWEN2_VL_7B_INSTRUCT = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 152064,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {
+        "depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
+    },
+}
+
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json (huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct/blob/main/config.json):
+# the same LM (128k positions), a ViT 32 x 1280 with SwiGLU MLPs (3420), RMSNorm, window attention
+# (112 px windows, full attention in blocks 7, 15, 23, 31). Published: 8,292,166,656 parameters.
+QWEN2_5_VL_7B_INSTRUCT = {
+    **QWEN2_VL_7B_INSTRUCT,
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "max_position_embeddings": 128000,
+    "vision_config": {
+        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+        "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+        "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+}
+
+
+def _qwen2_vl_7b():
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig.from_dict(dict(QWEN2_VL_7B_INSTRUCT))
+
+
+def _qwen2_5_vl_7b():
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig.from_dict(dict(QWEN2_5_VL_7B_INSTRUCT))
+
+
 # Other families' 7B-class releases (sources: each release's config.json on the Hugging Face hub,
-# as quoted in the builders' docstrings), by the name `safevlm params --base` takes.
+# as quoted in the builders' docstrings and above the Qwen config dicts), by the name
+# `safevlm params --base` takes.
 RELEASES = {
     "llava-v1.6-mistral-7b": _llava_next_mistral_7b,
     "llava-onevision-qwen2-7b-ov": _llava_onevision_qwen2_7b,
+    "qwen2-vl-7b-instruct": _qwen2_vl_7b,
+    "qwen2.5-vl-7b-instruct": _qwen2_5_vl_7b,
 }
 
 

@@ -275,11 +275,13 @@ def check_base_signature(config, base_config, source: str) -> None:
 # projector takes the vision features directly), so a guard-only base leaves them out.
 
 # Checkpoint names, rewritten to one canonical name: (pattern, replacement) applied in order to
-# a tensor's name on disk, in memory and in a peft adapter. Every family here is a LLaVA-style
-# transformers model, so one set serves them all: the hub's layout (`language_model.model.*`,
-# `vision_tower.vision_model.*`, `image_newline`), 4.57's in-memory one
-# (`model.vision_tower.vision_model.*`) and 5.x's (`model.vision_tower.*`) meet on
-# `language_model.*` / `vision_tower.*`.
+# a tensor's name on disk, in memory and in a peft adapter. The LLaVA-style families share one
+# set: the hub's layout (`language_model.model.*`, `vision_tower.vision_model.*`,
+# `image_newline`), 4.57's in-memory one (`model.vision_tower.vision_model.*`) and 5.x's
+# (`model.vision_tower.*`) meet on `language_model.*` / `vision_tower.*`. The Qwen families'
+# hub layout (`model.layers.*`, `model.embed_tokens.*`, `visual.*`, also what both lines write)
+# and their in-memory one (`model.language_model.*`, `model.visual.*`) meet on
+# `language_model.*` / `visual.*`.
 _LLAVA_STYLE_ALIASES = (
     (r"^base_model\.model\.", ""),
     (r"^model\.", ""),
@@ -287,7 +289,16 @@ _LLAVA_STYLE_ALIASES = (
     (r"^language_model\.lm_head\.", "lm_head."),
     (r"^vision_tower\.vision_model\.", "vision_tower."),
 )
-CHECKPOINT_ALIASES = {model_type: _LLAVA_STYLE_ALIASES for model_type in BACKBONES}
+_QWEN_STYLE_ALIASES = (
+    (r"^base_model\.model\.", ""),
+    (r"^model\.language_model\.", "language_model."),
+    (r"^model\.visual\.", "visual."),
+    (r"^model\.", "language_model."),
+)
+CHECKPOINT_ALIASES = {
+    model_type: _QWEN_STYLE_ALIASES if model_type in ("qwen2_vl", "qwen2_5_vl") else _LLAVA_STYLE_ALIASES
+    for model_type in BACKBONES
+}
 _GUARD_ONLY_ATTR = "_safevlm_guard_only"  # on a guard-only base: True
 
 
@@ -456,11 +467,14 @@ def _qualified_name(root, module) -> str:
 # ------------------------------------------------------------------------------------ the base
 def load_processor(path: str | os.PathLike):
     """A folder's processor, with the PIL image processor on both transformers lines (no
-    notice on stderr; the same pixels in training and serving)."""
+    notice on stderr; the same pixels in training and serving). A tiny Qwen folder built
+    without torchvision names an image-only processor class, registered here first."""
     from transformers import AutoProcessor
 
     from safevlm.compat import processor_load_kwargs
+    from safevlm.tiny import register_image_only_processors
 
+    register_image_only_processors()
     return AutoProcessor.from_pretrained(str(path), **processor_load_kwargs())
 
 

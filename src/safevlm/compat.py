@@ -68,6 +68,25 @@ def pil_image_processor_class(name: str):
     return getattr(tf, f"{name}Pil") if TRANSFORMERS_MAJOR >= 5 else getattr(tf, name)
 
 
+def mm_token_type_inputs(input_ids, image_token_id: int) -> dict:
+    """The token-type input a Qwen2-VL / Qwen2.5-VL base reads beside ``input_ids`` on this line,
+    as its processor gives it: 5.x ``{"mm_token_type_ids": (B, L) int, 1 at image tokens}`` (its
+    M-RoPE finds the images there; without it the base falls back to text positions), 4.57 none
+    (it finds each image by its ``<|vision_start|>`` token)."""
+    if TRANSFORMERS_MAJOR >= 5:
+        return {"mm_token_type_ids": (input_ids == image_token_id).int()}
+    return {}
+
+
+def mrope_position_ids(model, input_ids, image_grid_thw, attention_mask, image_token_id: int):
+    """M-RoPE position ids (3, B, L) of a Qwen2-VL / Qwen2.5-VL prompt by the base's own
+    ``get_rope_index`` (``model``: the inner ``Qwen2VLModel``), padding included as the base sets
+    it; its arguments differ by line (:func:`mm_token_type_inputs`). Ids that are no image token
+    (the prefix tokens' -1 included) count as text on both lines."""
+    return model.get_rope_index(input_ids=input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
+                                **mm_token_type_inputs(input_ids, image_token_id))[0]
+
+
 # Warnings that transformers or peft raise from inside their own calls while we load a model;
 # nothing on our side can avoid them. 5.x: peft reads the deprecated `is_gradient_checkpointing`
 # whenever it wraps a model (PeftModel.from_pretrained, get_peft_model).
@@ -98,6 +117,8 @@ __all__ = [
     "TRANSFORMERS_MAJOR",
     "TRANSFORMERS_VERSION",
     "clip_image_processor_class",
+    "mm_token_type_inputs",
+    "mrope_position_ids",
     "pil_image_processor_class",
     "processor_load_kwargs",
     "quiet_loading",

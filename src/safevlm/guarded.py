@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from safevlm.backbones import process_images
 from safevlm.data.chat import EncodedChat, build_messages, encode_chat, render_chat
 from safevlm.policy import Decision, Policy, PolicyOverrides, load_policy
 
@@ -152,7 +151,7 @@ def encode(model, processor, messages: list[dict], num_image_tokens: int | None 
     """One conversation as the model reads it (generation prompt on, the image placeholder
     expanded to ``num_image_tokens``, by default the model's number of image features; bases
     whose images differ in size pass each image's count from
-    :func:`safevlm.backbones.process_images`): :func:`safevlm.data.chat.encode_chat`."""
+    ``model.backbone.image_inputs``): :func:`safevlm.data.chat.encode_chat`."""
     if num_image_tokens is None:
         num_image_tokens = model.config.num_image_features
     return encode_chat(processor, messages, num_image_tokens, add_generation_prompt=True)
@@ -174,12 +173,6 @@ def pad_left(model, processor, encoded: Sequence[EncodedChat]) -> tuple[torch.Te
         prompt_mask[row, length - n :] = torch.tensor(e.prompt_mask, dtype=torch.bool)
     device = _device(model)
     return input_ids.to(device), attention_mask.to(device), prompt_mask.to(device)
-
-
-def pixel_values(processor, images: list) -> torch.Tensor:
-    """(num_images, C, H, W) from the processor's image processor."""
-    images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
-    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
 # -- the guarded batch -------------------------------------------------------------------------------------
@@ -216,8 +209,10 @@ class _Batch:
             policy.check_overrides(ov)
         image_idx = [i for i, im in enumerate(self.images) if im is not None]
         self.vision_row = {i: r for r, i in enumerate(image_idx)}
-        # the processor's tensors and each image's token count (anyres bases: per image size)
-        image_inputs = process_images(processor, [self.images[i] for i in image_idx]) if image_idx else None
+        # the processor's tensors (pixel_values and the family's image_input_keys: image_sizes,
+        # image_grid_thw...) and each image's token count (anyres / dynamic bases: per image size)
+        images = [self.images[i] for i in image_idx]
+        image_inputs = model.backbone.image_inputs(processor, images) if image_idx else None
         self.image_tokens = [None if im is None else image_inputs.num_tokens[self.vision_row[i]]
                              for i, im in enumerate(self.images)]
         self.messages: list[list[dict] | None] = []

@@ -13,7 +13,8 @@ One vision pass per image feeds the base projector, the safety projector and gen
     LLM([text before image ; P prefix tokens ; image_embeds ; text after])
 
 Everything family-specific goes through the base's backbone view
-(:mod:`safevlm.backbones.base` states the hooks): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision.
+(:mod:`safevlm.backbones.base` states the hooks): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ class SafeVLM(nn.Module):
 
     Args:
         base_model: a loaded base of a supported family (``LlavaForConditionalGeneration``,
-            ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``;
-            see :mod:`safevlm.backbones`), or a peft model around one,
+            ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``; see
+            :mod:`safevlm.backbones`), or a peft model around one,
             whole or guard-only (:func:`safevlm.bases.drop_language_model`: then only
             :meth:`guard` runs, and :attr:`guard_only` is True).
         config: a bound :class:`SafetyConfig`; by default built from the base's config.
@@ -315,7 +317,8 @@ class SafeVLM(nn.Module):
 
         input_ids (B, L), pixel_values (B, C, H, W) (anyres families: (B, tiles, C, H, W), with
         ``image_sizes`` (B, 2) among the keyword arguments, where the processor's other image
-        tensors go) or precomputed vision_features from :meth:`encode_images`,
+        tensors go; Qwen2-VL: (patches, C*T*P*P) with ``image_grid_thw`` (B, 3)) or precomputed
+        vision_features from :meth:`encode_images`,
         attention_mask (B, L), labels (B, L) with -100 for unsupervised tokens, risk_level (B,),
         risk_type (B,), prompt_mask (B, L) from the collator (the tokens the head reads; see
         :meth:`prompt_mask`). ``compute_lm=False`` skips the language model (no logits, no lm_loss):

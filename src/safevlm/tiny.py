@@ -26,6 +26,19 @@ chat format:
   ``LlavaNextProcessor`` around the ``LlavaOnevisionImageProcessor`` instead, which expands
   ``<image>`` by the same rule for these grids (no grid exceeds ``anyres_max_9``, so OneVision's
   extra shrinking never applies; the family tests check the counts against the model's own).
+* ``qwen2_vl`` / ``qwen2_5_vl``: a dynamic-resolution ViT (patches of the preset's patch size,
+  2 x 2 merge units; Qwen2.5-VL with window attention over 2 x 2 units and a full-attention last
+  layer) + a Qwen2 LM with M-RoPE, as Qwen2-VL-7B-Instruct / Qwen2.5-VL-7B-Instruct; the
+  ``Qwen2VLImageProcessor`` keeps images between 1 x 1 and 3 x 3 times the preset's image size
+  in pixels (``min_pixels`` / ``max_pixels``), so each image size has its own grid; ChatML with
+  the release's default system turn and ``<|vision_start|><|image_pad|><|vision_end|>``, and a
+  ``Qwen2TokenizerFast`` (no BOS). The family's own ``Qwen2VLProcessor`` /
+  ``Qwen2_5_VLProcessor`` needs torchvision (for its video processor, on both transformers
+  lines); where torchvision cannot be imported the folder carries
+  ``Qwen2VLProcessorImageOnly`` / ``Qwen2_5_VLProcessorImageOnly`` instead: the family's class
+  without the video processor (images are processed by the family's own code), which
+  ``AutoProcessor`` loads once :func:`register_image_only_processors` ran (``safevlm``'s loader
+  does that).
 """
 
 from __future__ import annotations
@@ -37,7 +50,12 @@ from pathlib import Path
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
-FAMILIES = ("llava", "llava_next", "llava_onevision")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# Qwen2-VL special tokens (the releases' names); the image placeholder is <|image_pad|>
+QWEN_SPECIAL_TOKENS = (
+    "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>",
+)
 
 # LLaVA-1.5 conversation format: "SYSTEM USER: <image>\n{prompt} ASSISTANT: {answer}</s>".
 # A system message is plain text before the first turn, as in llava-1.5's own prompts.
@@ -73,6 +91,19 @@ LLAVA_NEXT_CHAT_TEMPLATE = (
 LLAVA_ONEVISION_CHAT_TEMPLATE = (
     "{% for message in messages %}" + _TEXTS +
     "{{ '<|im_start|>' + message['role'] + '\n' }}{% for _ in range(n_images) %}{{ '<image>\n' }}{% endfor %}"
+    "{{ texts | join(' ') }}{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen2-VL-7B-Instruct's template (images as <|vision_start|><|image_pad|><|vision_end|>, a default
+# system turn when the conversation has none), without its video and vision-id branches.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}" + _TEXTS +
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for _ in range(n_images) %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% endfor %}"
     "{{ texts | join(' ') }}{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -136,13 +167,16 @@ def _corpus(extra: tuple[str, ...] = ()) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = (), extra_special: tuple[str, ...] = (),
-                    eos_token: str = "</s>", chat_template: str = CHAT_TEMPLATE):
+                    eos_token: str = "</s>", chat_template: str = CHAT_TEMPLATE, bos_token: str | None = "<s>",
+                    tokenizer_class: str = "PreTrainedTokenizerFast"):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus (deterministic).
 
     ``extra_special``: more special tokens after the default ones (a family's ``<video>``,
-    ``<|im_start|>``...); ``eos_token`` one of them or ``</s>``; ``chat_template`` the tokenizer's."""
+    ``<|im_start|>``...); ``eos_token`` one of them or ``</s>``; ``chat_template`` the tokenizer's;
+    ``bos_token`` None for a family without BOS (Qwen); ``tokenizer_class`` the transformers fast
+    tokenizer class around the trained tokenizer (a family's processor may insist on its own)."""
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -154,11 +188,14 @@ def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = (), e
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(extra_texts), trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(
+    if bos_token is not None:
+        bos = tok.token_to_id(bos_token)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos)]
+        )
+    return getattr(transformers, tokenizer_class)(
         tokenizer_object=tok,
-        bos_token="<s>",
+        bos_token=bos_token,
         eos_token=eos_token,
         unk_token="<unk>",
         pad_token="<pad>",
@@ -266,6 +303,10 @@ def grid_pinpoints(family: str, p: TinyPreset) -> list[list[int]]:
 
 
 def _family_tokenizer(family: str, p: TinyPreset):
+    if family in QWEN_FAMILIES:  # the processor insists on Qwen2's tokenizer class on 4.57
+        return build_tokenizer(p.vocab_size, extra_special=QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>",
+                               chat_template=QWEN2_VL_CHAT_TEMPLATE, bos_token=None,
+                               tokenizer_class="Qwen2TokenizerFast")
     if family == "llava_next":
         return build_tokenizer(p.vocab_size, chat_template=LLAVA_NEXT_CHAT_TEMPLATE)
     return build_tokenizer(p.vocab_size, extra_special=(VIDEO_TOKEN, "<|im_start|>", "<|im_end|>"),
@@ -282,6 +323,67 @@ def _onevision_video_processor():
         return None
 
 
+# The processor classes of the Qwen families, as transformers names them.
+QWEN_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def _qwen_video_processor():
+    """Qwen2-VL's video processor, or None where it cannot be built (it needs torchvision)."""
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2VLVideoProcessor()  # its defaults: videos are not part of the tiny bases
+    except Exception:  # noqa: BLE001 - ImportError without torchvision; a broken torchvision raises others
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def image_only_processor_class(name: str):
+    """``{name}ImageOnly``: the transformers processor class ``name`` (``Qwen2VLProcessor``...)
+    without its video processor, registered with ``AutoProcessor`` so that a folder naming it
+    loads back. Everything it does is the family class's own code; only the video attribute is
+    left out (4.57 reads the class's ``attributes``, 5.x the ``__init__`` signature)."""
+    import transformers
+
+    family_class = getattr(transformers, name)
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        family_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    cls = type(f"{name}ImageOnly", (family_class,), {
+        "__init__": __init__, "attributes": ["image_processor", "tokenizer"], "__module__": __name__,
+        "__doc__": f"{name} without its video processor (built where torchvision is missing).",
+    })
+    # AutoProcessor finds a registered class by the name a folder's processor_config.json gives
+    key = type(f"{name}ImageOnlyConfig", (transformers.PretrainedConfig,), {"model_type": f"safevlm_{name.lower()}"})
+    transformers.AutoProcessor.register(key, cls)
+    return cls
+
+
+def register_image_only_processors() -> None:
+    """Make the image-only Qwen processors (see the module docstring) loadable by ``AutoProcessor``."""
+    for name in QWEN_PROCESSORS.values():
+        image_only_processor_class(name)
+
+
+def _qwen_processor(family: str, p: TinyPreset, tokenizer):
+    import transformers
+
+    from safevlm.compat import pil_image_processor_class
+
+    s = p.image_size
+    image_processor = pil_image_processor_class("Qwen2VLImageProcessor")(
+        min_pixels=s * s, max_pixels=9 * s * s, patch_size=p.patch_size, temporal_patch_size=2, merge_size=2,
+    )
+    name = QWEN_PROCESSORS[family]
+    video_processor = _qwen_video_processor()
+    if video_processor is not None:
+        return getattr(transformers, name)(image_processor=image_processor, tokenizer=tokenizer,
+                                           video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    return image_only_processor_class(name)(image_processor=image_processor, tokenizer=tokenizer,
+                                            chat_template=QWEN2_VL_CHAT_TEMPLATE)
+
+
 def build_family_processor(family: str, preset: str = "test", tokenizer=None):
     """The processor of a tiny ``family`` base (see the module docstring)."""
     import transformers
@@ -290,6 +392,8 @@ def build_family_processor(family: str, preset: str = "test", tokenizer=None):
 
     p = PRESETS[preset]
     tokenizer = tokenizer if tokenizer is not None else _family_tokenizer(family, p)
+    if family in QWEN_FAMILIES:
+        return _qwen_processor(family, p, tokenizer)
     s = p.image_size
     if family == "llava_next":
         image_processor = pil_image_processor_class("LlavaNextImageProcessor")(
@@ -354,10 +458,44 @@ def build_family_config(family: str, preset: str = "test", tokenizer=None):
             vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=grid_pinpoints(family, p),
             tie_word_embeddings=False,
         )
+    elif family in QWEN_FAMILIES:
+        config = _qwen_config(family, p, tokenizer)
     else:
         raise ValueError(f"unknown tiny family {family!r}; allowed: {', '.join(FAMILIES)}")
     config.pad_token_id = tokenizer.pad_token_id
     return config
+
+
+def _qwen_config(family: str, p: TinyPreset, tokenizer):
+    """A tiny ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``, written as the releases' config.json is
+    (text fields at the top level) and read with ``from_dict``, as the hub's files are."""
+    import transformers
+
+    half = p.text_hidden // p.text_heads // 2  # rotary frequencies per head, split over (t, h, w)
+    temporal = half - 2 * (3 * half // 8)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    vision = {"depth": p.vision_layers, "num_heads": p.vision_heads, "in_channels": 3, "patch_size": p.patch_size,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if family == "qwen2_vl":
+        vision.update(embed_dim=p.vision_hidden, mlp_ratio=4, hidden_size=p.text_hidden)
+    else:  # window attention over 2 x 2 merge units, the last layer attending to the whole image
+        vision.update(hidden_size=p.vision_hidden, intermediate_size=4 * p.vision_hidden, out_hidden_size=p.text_hidden,
+                      hidden_act="silu", window_size=4 * p.patch_size, fullatt_block_indexes=[p.vision_layers - 1],
+                      tokens_per_second=2)
+    config = {
+        "model_type": family, "vocab_size": len(tokenizer), "hidden_size": p.text_hidden,
+        "intermediate_size": p.text_intermediate, "num_hidden_layers": p.text_layers,
+        "num_attention_heads": p.text_heads, "num_key_value_heads": max(1, p.text_heads // 2),
+        "max_position_embeddings": p.max_position_embeddings, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [temporal, 3 * half // 8, 3 * half // 8]},
+        "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "vision_config": vision, **ids,
+    }
+    config_class = transformers.Qwen2VLConfig if family == "qwen2_vl" else transformers.Qwen2_5_VLConfig
+    return config_class.from_dict(config)
 
 
 def build_tiny(preset: str = "test", seed: int = 0):
@@ -404,6 +542,8 @@ __all__ = [
     "LLAVA_NEXT_CHAT_TEMPLATE",
     "LLAVA_ONEVISION_CHAT_TEMPLATE",
     "PRESETS",
+    "QWEN2_VL_CHAT_TEMPLATE",
+    "QWEN_FAMILIES",
     "TinyPreset",
     "build_config",
     "build_family_config",
@@ -412,7 +552,9 @@ __all__ = [
     "build_tiny",
     "build_tokenizer",
     "grid_pinpoints",
+    "image_only_processor_class",
     "preset_name",
+    "register_image_only_processors",
     "save_tiny",
     "split_preset",
 ]

@@ -20,9 +20,11 @@ from safevlm.backbones.base import (
 )
 from safevlm.backbones.llava import LlavaBackbone
 from safevlm.backbones.llava_next import LlavaNextBackbone, LlavaOnevisionBackbone
+from safevlm.backbones.qwen2_vl import Qwen2_5_VLBackbone, Qwen2VLBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
-    cls.family: cls for cls in (LlavaBackbone, LlavaNextBackbone, LlavaOnevisionBackbone)
+    cls.family: cls
+    for cls in (LlavaBackbone, LlavaNextBackbone, LlavaOnevisionBackbone, Qwen2VLBackbone, Qwen2_5_VLBackbone)
 }
 BACKBONES: dict[str, type[Backbone]] = {
     model_type: cls for cls in FAMILIES.values() for model_type in cls.model_types
@@ -69,6 +71,8 @@ __all__ = [
     "LlavaOnevisionBackbone",
     "PREFIX_TOKEN_ID",
     "Positions",
+    "Qwen2VLBackbone",
+    "Qwen2_5_VLBackbone",
     "VisionFeatures",
     "causal_lm_loss",
     "family_of",

@@ -54,6 +54,10 @@ How each hook must behave
     attended tokens; an M-RoPE family's is ``cache_position + rope_deltas``). Default: the
     base's own ``generate(inputs_embeds=..., attention_mask=...)``, which does exactly that for
     1-D positions.
+``base_text_inputs(input_ids)``
+    What the base's *own* ``forward`` / ``generate`` reads beside ``input_ids`` and
+    ``attention_mask`` when a prompt was tokenised without the processor (evaluation of the
+    plain base): none by default; Qwen2-VL on transformers 5.x reads ``mm_token_type_ids``.
 
 One image per sample stays the rule for the safety head: every family here gives one
 :class:`VisionFeatures` row per image, and a sample reads the row of its own image.
@@ -213,20 +217,42 @@ class ImageInputs:
         }
         return ImageInputs(moved, list(self.num_tokens))
 
+    def pin_memory(self) -> "ImageInputs":
+        """Page-locked copies of the tensors (a DataLoader with ``pin_memory=True`` calls this)."""
+        return ImageInputs({k: v.pin_memory() for k, v in self.tensors.items()}, list(self.num_tokens))
+
+    @property
+    def per_image_rows(self) -> bool:
+        """Whether every tensor holds one row per image on dim 0, so that :meth:`select` can pick
+        images (dynamic-resolution families, Qwen2-VL, concatenate all images' patches instead)."""
+        return all(v.shape[0] == len(self.num_tokens) for v in self.tensors.values())
+
     def select(self, rows: list[int]) -> "ImageInputs":
-        """The inputs of images ``rows`` (pixel tensors keep their padding)."""
+        """The inputs of images ``rows`` (pixel tensors keep their padding); only where
+        :attr:`per_image_rows` (else pick rows of the vision features instead)."""
+        if not self.per_image_rows:
+            shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
+            raise ValueError(f"these image inputs {shapes} do not hold one row per image ({len(self.num_tokens)} "
+                             "images); select rows of their vision features instead")
         index = torch.tensor(rows, dtype=torch.long)
         return ImageInputs({k: v.index_select(0, index.to(v.device)) for k, v in self.tensors.items()},
                            [self.num_tokens[r] for r in rows])
 
 
-def process_images(processor, images: list) -> ImageInputs:
+def process_images(processor, images: list, num_image_tokens: int | None = None) -> ImageInputs:
     """Run the family's processor on ``images`` (one ``<image>`` each) and read off the pixel
     tensors and how many image tokens it expands each image to: the processor's own rule, for
-    any family (fixed grids, anyres tiles, dynamic resolution)."""
+    any family (fixed grids, anyres tiles, dynamic resolution).
+
+    ``num_image_tokens``: every image's count where the family's is fixed (LLaVA-1.5's N, see
+    :attr:`Backbone.fixed_image_tokens`); then only the image processor runs, since the text
+    side would only repeat that number (:meth:`Backbone.image_inputs` passes it)."""
     images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
     if not images:
         raise ValueError("process_images needs at least one image")
+    if num_image_tokens is not None:
+        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return ImageInputs({"pixel_values": pixel_values}, [int(num_image_tokens)] * len(images))
     tokenizer = processor.tokenizer
     image_token = getattr(processor, "image_token", None) or "<image>"
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -301,6 +327,27 @@ class Backbone:
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings (B, L, D)."""
         return self.model.get_input_embeddings()(input_ids)
+
+    # -- images --------------------------------------------------------------------------------
+    @property
+    def fixed_image_tokens(self) -> int | None:
+        """The image tokens of every image where the family gives each the same N features on a
+        fixed grid (LLaVA-1.5), else None (each image its own count, from the processor)."""
+        if self.variable_image_features:
+            return None
+        return int(self.config_facts(self.config)["num_image_features"])
+
+    def base_text_inputs(self, input_ids: torch.LongTensor) -> dict:
+        """What the base's own ``forward`` / ``generate`` reads beside ``input_ids`` and
+        ``attention_mask`` for a prompt that was tokenised without the processor (the processor
+        gives it): none for most families; Qwen2-VL's token types on transformers 5.x."""
+        return {}
+
+    def image_inputs(self, processor, images: list) -> ImageInputs:
+        """The processor's tensors for ``images`` (``pixel_values`` and the keys of
+        ``image_input_keys``) and each image's token count: :func:`process_images`, the one
+        image-to-tensor path of scan, eval, guarded generation, serving and the feature cache."""
+        return process_images(processor, images, self.fixed_image_tokens)
 
     # -- vision --------------------------------------------------------------------------------
     def selected_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

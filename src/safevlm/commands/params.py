@@ -14,8 +14,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--base", default="llava-1.5-7b",
                         help="A known architecture (llava-1.5-7b, llava-1.5-13b, llava-v1.6-mistral-7b, "
-                        "llava-onevision-qwen2-7b-ov) or a local model folder (its config.json is read; "
-                        "no weights are loaded).")
+                        "llava-onevision-qwen2-7b-ov, qwen2-vl-7b-instruct, qwen2.5-vl-7b-instruct) or a local "
+                        "model folder (its config.json is read; no weights are loaded).")
     parser.add_argument("--projector", choices=["mlp", "cabstractor"], default="mlp", help="Safety projector kind.")
     parser.add_argument("--prefix-tokens", type=int, default=64, help="Prefix safety tokens (paper: 64).")
     parser.add_argument("--query-tokens", type=int, default=64, help="Head query tokens (paper: 64).")

@@ -146,25 +146,26 @@ class _Generator:
 
 class BaseGenerator(_Generator):
     """The base model alone: ``base.generate`` on the chat prompt the guarded path renders
-    (same messages, same template, same image processor), left-padded, no safety modules.
+    (same messages, same template, same processor call: ``pixel_values`` and the family's
+    other image inputs, each image's placeholder expanded as the processor does), left-padded,
+    no safety modules.
 
-    ``base``: a ``LlavaForConditionalGeneration`` (or a peft model around one: its adapter is
+    ``base``: a base of a supported family (``LlavaForConditionalGeneration``,
+    ``LlavaNextForConditionalGeneration``...; or a peft model around one: its adapter is
     disabled while generating, so this is the base's own answer)."""
 
     def __init__(self, base, processor, decoding: dict | None = None, seed: int = 0):
         super().__init__(processor, decoding, seed)
         from safevlm.backbones import get_backbone
 
-        backbone = get_backbone(base)
+        self.backbone = get_backbone(base)
         self.base = base
-        self.num_image_features = backbone.config_facts(backbone.config)["num_image_features"]
-        self.device = backbone.lm_head.weight.device
+        self.device = self.backbone.lm_head.weight.device
 
     def _generate(self, images: list, prompts: list[str], kwargs: dict) -> list[Generation]:
         import torch
 
         from safevlm.data.chat import build_messages, encode_chat
-        from safevlm.guarded import pixel_values
 
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -174,8 +175,10 @@ class BaseGenerator(_Generator):
             idx = [i for i, im in enumerate(images) if (im is not None) == with_image]
             if not idx:
                 continue
-            encoded = [encode_chat(self.processor, build_messages(prompts[i], with_image), self.num_image_features,
-                                   add_generation_prompt=True) for i in idx]
+            image_inputs = self.backbone.image_inputs(self.processor, [images[i] for i in idx]) if with_image else None
+            counts = image_inputs.num_tokens if with_image else [1] * len(idx)
+            encoded = [encode_chat(self.processor, build_messages(prompts[i], with_image), count,
+                                   add_generation_prompt=True) for i, count in zip(idx, counts)]
             length = max(len(e.input_ids) for e in encoded)
             input_ids = torch.full((len(idx), length), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(idx), length), dtype=torch.long)
@@ -183,9 +186,10 @@ class BaseGenerator(_Generator):
                 input_ids[row, length - len(e.input_ids):] = torch.tensor(e.input_ids, dtype=torch.long)
                 attention_mask[row, length - len(e.input_ids):] = 1
             inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
-            if with_image:
+            inputs.update(self.backbone.base_text_inputs(inputs["input_ids"]))  # Qwen2-VL on 5.x: token types
+            if with_image:  # pixel_values and the family's image_input_keys (image_sizes, image_grid_thw...)
                 dtype = next(self.base.parameters()).dtype
-                inputs["pixel_values"] = pixel_values(self.processor, [images[i] for i in idx]).to(self.device, dtype)
+                inputs.update(image_inputs.to(self.device, dtype).tensors)
             disable = getattr(self.base, "disable_adapter", None)
             with torch.inference_mode(), (disable() if disable is not None else contextlib.nullcontext()):
                 tokens = self.base.generate(**inputs, pad_token_id=pad_id, **kwargs)

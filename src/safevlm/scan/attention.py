@@ -14,7 +14,11 @@ features and renormalised to sum to 1:
   grid itself (24 x 24 for LLaVA-1.5; the CLS feature, present with the ``full`` strategy, is
   left out);
 * ``cabstractor``: M pooled tokens on a sqrt(M) x sqrt(M) grid (8 x 8 by default), each the
-  average of a block of patches: a coarser map of the same image area, upsampled for display.
+  average of a block of patches: a coarser map of the same image area, upsampled for display;
+* ``mlp`` on a base whose images give variable numbers of features (LLaVA-NeXT / OneVision
+  tiles, Qwen2-VL dynamic resolution: ``variable_image_features``): the map is the image's own
+  rows x cols feature grid (``VisionFeatures.grids``: LLaVA-NeXT's unpadded high-resolution grid
+  after the base tile, Qwen2-VL's merged-patch grid), which covers the whole image.
 """
 
 from __future__ import annotations
@@ -53,9 +57,12 @@ def layer_attention(layer, queries, keys, key_mask):
 
 def grid_of(config) -> tuple[int, int]:
     """(first safety feature on the grid, grid side) for a SafetyConfig: the CLS feature of the
-    ``full`` strategy is skipped with the mlp projector. Side 0 when the features are no square."""
+    ``full`` strategy is skipped with the mlp projector. Side 0 when the features are no square,
+    or when each image has its own grid (mlp on a variable-length base: see :func:`attention_grid`)."""
     if config.projector_kind == "cabstractor":
         count, skip = config.num_safety_features, 0
+    elif config.variable_image_features:
+        return 0, 0
     else:
         skip = 1 if config.vision_feature_select_strategy == "full" else 0
         count = config.num_image_features - skip
@@ -63,15 +70,25 @@ def grid_of(config) -> tuple[int, int]:
     return skip, (side if side * side == count else 0)
 
 
-def attention_grid(calls, config):
-    """The map (side, side) numpy float32, summing to 1, from the captured calls of ONE head
-    pass over ONE sample; None when the head read no image or the features form no square."""
+def attention_grid(calls, config, image_grid=None):
+    """The map (rows, cols) numpy float32, summing to 1, from the captured calls of ONE head
+    pass over ONE sample; None when the head read no image or the features form no grid.
+
+    ``image_grid``: (offset, rows, cols) of the sample's own feature grid
+    (``VisionFeatures.grids``), the map of the mlp projector on a variable-length base; the
+    other maps are square (:func:`grid_of`)."""
     import numpy as np
     import torch
 
-    skip, side = grid_of(config)
-    m = config.num_safety_features
-    if not calls or side == 0:
+    if config.projector_kind != "cabstractor" and config.variable_image_features:
+        if image_grid is None:
+            return None
+        skip, rows, cols = (int(x) for x in image_grid)
+    else:
+        skip, rows = grid_of(config)
+        cols = rows
+    m = skip + rows * cols
+    if not calls or rows * cols == 0:
         return None
     total = None
     with torch.inference_mode():
@@ -84,16 +101,18 @@ def attention_grid(calls, config):
     mass = float(image_part.sum())
     if mass <= 0:
         return None
-    grid = (image_part / mass).reshape(side, side)
+    grid = (image_part / mass).reshape(rows, cols)
     return grid.cpu().numpy().astype(np.float32) if isinstance(grid, torch.Tensor) else grid
 
 
-def attention_maps(model, processor, prepared: list, pixel_values) -> list:
+def attention_maps(model, processor, prepared: list, image_inputs) -> list:
     """One attention map (or None) per prepared item, each from its own head pass (so the
-    captured calls belong to one sample); the same vision + head path as the scan."""
+    captured calls belong to one sample); the same vision + head path as the scan.
+    ``image_inputs``: the :class:`~safevlm.backbones.ImageInputs` of the items' images
+    (:meth:`~safevlm.scan.pipeline.ItemBatches.finish`)."""
     import torch
 
-    from safevlm.scan.pipeline import run_guard
+    from safevlm.scan.pipeline import encode_rows, run_guard
 
     maps = []
     for prep in prepared:
@@ -101,10 +120,12 @@ def attention_maps(model, processor, prepared: list, pixel_values) -> list:
             maps.append(None)
             continue
         single = type(prep)(**{**prep.__dict__, "pixel_row": 0})
-        pixels = pixel_values[prep.pixel_row:prep.pixel_row + 1]
+        with torch.inference_mode():
+            features = encode_rows(model, image_inputs, [prep.pixel_row])  # its grid, and the head's input below
+        image_grid = model.backbone.as_vision_features(features).grids[0].tolist()
         with torch.inference_mode(), captured_head_inputs(model.safety_head) as calls:
-            run_guard(model, processor, [single], pixels)
-        maps.append(attention_grid(calls, model.config))
+            run_guard(model, processor, [single], None, features=features)
+        maps.append(attention_grid(calls, model.config, image_grid))
     return maps
 
 

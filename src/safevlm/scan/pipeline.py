@@ -139,11 +139,19 @@ class Prepared:
 
 class ItemBatches:
     """A map-style dataset whose element ``b`` is batch ``b``, fully prepared: what each
-    DataLoader worker does (read, sha256, decode with the one image opener, image processor,
-    chat template + tokenizer). Returns ``{"prepared": [Prepared], "pixel_values": (n, C, H, W)
-    or None}``, one pixel row per item whose image decoded."""
+    DataLoader worker does (read, sha256, decode with the one image opener, one processor call
+    over the batch's images, chat template + tokenizer). Returns ``{"prepared": [Prepared],
+    "image_inputs": ImageInputs or None}``: the processor's tensors (``pixel_values`` and the
+    family's other image keys, ``image_sizes``...), one image row per item whose image decoded
+    (``Prepared.pixel_row``).
 
-    def __init__(self, batches: list[list[Item]], processor, num_image_tokens: int, prompt: str | None = None):
+    ``num_image_tokens``: every image's token count where the family's is fixed
+    (``model.backbone.fixed_image_tokens``, LLaVA-1.5: only the image processor runs); None
+    where each image has its own (tiled / dynamic-resolution families: the processor says).
+    """
+
+    def __init__(self, batches: list[list[Item]], processor, num_image_tokens: int | None,
+                 prompt: str | None = None):
         self.batches = batches
         self.processor = processor
         self.num_image_tokens = num_image_tokens
@@ -153,8 +161,8 @@ class ItemBatches:
         return len(self.batches)
 
     def prepare(self, item: Item, images: list) -> Prepared:
-        from safevlm.data.chat import build_messages, encode_chat
-
+        """Read and decode one item (its image appended to ``images``); the prompt is tokenised
+        by :meth:`finish`, once the image's token count is known."""
         if item.error is not None:
             return Prepared(error=item.error)
         try:
@@ -180,17 +188,29 @@ class ItemBatches:
             images.append(image)
         elif prompt is None:
             return Prepared(error=("no_image", f"the item has neither an image nor a prompt: {item.source}"))
-        if prompt is not None:
-            messages = build_messages(prompt, data is not None)
-            prep.encoded = encode_chat(self.processor, messages, self.num_image_tokens, add_generation_prompt=True)
         return prep
 
-    def __getitem__(self, b: int) -> dict:
-        from safevlm.guarded import pixel_values
+    def finish(self, prepared: list[Prepared], images: list):
+        """One processor call over ``images`` (the one image path:
+        :func:`safevlm.backbones.process_images`), then each prompt tokenised with its own
+        image's token count. Returns the :class:`~safevlm.backbones.ImageInputs` (None without images)."""
+        from safevlm.backbones import process_images
+        from safevlm.data.chat import build_messages, encode_chat
 
+        inputs = process_images(self.processor, images, self.num_image_tokens) if images else None
+        for prep in prepared:
+            if prep.error is not None or prep.prompt is None:
+                continue
+            with_image = prep.pixel_row is not None
+            messages = build_messages(prep.prompt, with_image)
+            count = inputs.num_tokens[prep.pixel_row] if with_image else 1
+            prep.encoded = encode_chat(self.processor, messages, count, add_generation_prompt=True)
+        return inputs
+
+    def __getitem__(self, b: int) -> dict:
         images: list = []
         prepared = [self.prepare(item, images) for item in self.batches[b]]
-        return {"prepared": prepared, "pixel_values": pixel_values(self.processor, images) if images else None}
+        return {"prepared": prepared, "image_inputs": self.finish(prepared, images)}
 
 
 def _naming(message: str, item: Item) -> str:
@@ -212,9 +232,27 @@ def make_loader(dataset: ItemBatches, num_workers: int, pin_memory: bool = False
 
 
 # -- the guard on a batch -------------------------------------------------------------------------------------
-def run_guard(model, processor, prepared: list[Prepared], pixel_values):
-    """Risk probabilities for prepared items: one vision pass over ``pixel_values`` (rows named
-    by ``Prepared.pixel_row``), then the head per group (image + prompt, image alone, prompt
+def encode_rows(model, image_inputs, rows: list[int]):
+    """The vision features of images ``rows`` of ``image_inputs`` (an
+    :class:`~safevlm.backbones.ImageInputs`), one vision pass: over those images alone where the
+    tensors hold one row per image, else (a family that concatenates its images' patches) over
+    all of them, keeping the rows' features."""
+    import torch
+
+    device = model.device
+    every = rows == list(range(len(image_inputs.num_tokens)))
+    inputs = image_inputs if every or not image_inputs.per_image_rows else image_inputs.select(rows)
+    features = model.encode_images(**{k: v.to(device, non_blocking=True) for k, v in inputs.tensors.items()})
+    if inputs is image_inputs and not every:
+        features = features.index_select(0, torch.tensor(rows, device=features.device))
+    return features
+
+
+def run_guard(model, processor, prepared: list[Prepared], image_inputs, features=None):
+    """Risk probabilities for prepared items: one vision pass over ``image_inputs`` (an
+    :class:`~safevlm.backbones.ImageInputs` from :meth:`ItemBatches.finish`, image rows named
+    by ``Prepared.pixel_row``; or ``features``, that pass done already, one row per item with
+    an image, in order), then the head per group (image + prompt, image alone, prompt
     alone). Returns level_probs (n, num_levels), type_probs (n, num_types) as float32 CPU
     tensors and ``{position: error message}`` for groups whose head raised (fail closed)."""
     import torch
@@ -227,14 +265,11 @@ def run_guard(model, processor, prepared: list[Prepared], pixel_values):
     errors: dict[int, str] = {}
     if n == 0:
         return level, types, errors
-    device = model.backbone.lm_head.weight.device
     with torch.inference_mode():
-        features = None
         rows = [p.pixel_row for p in prepared if p.pixel_row is not None]
-        if rows:
-            pixels = pixel_values if rows == list(range(pixel_values.shape[0])) else pixel_values[rows]
-            features = model.encode_images(pixels.to(device, non_blocking=True))
-            position_row = {pos: r for r, pos in enumerate(i for i, p in enumerate(prepared) if p.pixel_row is not None)}
+        if rows and features is None:
+            features = encode_rows(model, image_inputs, rows)
+        position_row = {pos: r for r, pos in enumerate(i for i, p in enumerate(prepared) if p.pixel_row is not None)}
         groups: dict[str, list[int]] = {}
         for pos, p in enumerate(prepared):
             key = ("image" if p.pixel_row is not None else "text") + ("+prompt" if p.encoded is not None else "")
@@ -381,7 +416,7 @@ def run_scan(options: ScanOptions, model=None, processor=None) -> ScanResult:
     workers = options.workers()
     device = model.backbone.lm_head.weight.device
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
-    dataset = ItemBatches(batches, processor, model.config.num_image_features, options.prompt)
+    dataset = ItemBatches(batches, processor, model.backbone.fixed_image_tokens, options.prompt)
     loader = make_loader(dataset, min(workers, len(batches)), pin_memory=device.type == "cuda")
     scan_file, failed_file = AppendFile(out / SCAN_FILE), AppendFile(out / FAILED_FILE)
     bar = _progress(len(todo), options.progress)
@@ -438,7 +473,7 @@ def scan_batch(model, processor, policy, batch_items: list[Item], payload: dict,
             first_in_batch[key] = pos
             run_positions.append(pos)
     to_run = [prepared[p] for p in run_positions]
-    level, types, errors = run_guard(model, processor, to_run, payload["pixel_values"])
+    level, types, errors = run_guard(model, processor, to_run, payload["image_inputs"])
     results: dict[int, dict] = {}
     valid = [k for k in range(len(to_run)) if k not in errors]
     decisions = policy.decide_batch(level[valid], types[valid]) if valid else []
@@ -527,6 +562,7 @@ __all__ = [
     "Prepared",
     "ScanOptions",
     "ScanResult",
+    "encode_rows",
     "failure_reason",
     "finish",
     "make_loader",

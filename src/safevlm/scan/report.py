@@ -51,9 +51,10 @@ def _data_uri(image, fmt: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
-def thumbnail(image, image_processor, side: int = THUMBNAIL_SIDE) -> str:
-    """A JPEG data: URI of the part of ``image`` the model sees, ``side`` x ``side``."""
-    box = model_view_box(image.size, image_processor)
+def thumbnail(image, image_processor, side: int = THUMBNAIL_SIDE, whole: bool = False) -> str:
+    """A JPEG data: URI of the part of ``image`` the model sees, ``side`` x ``side`` (``whole``:
+    all of it, as tiled and dynamic-resolution bases see it)."""
+    box = (0.0, 0.0, float(image.size[0]), float(image.size[1])) if whole else model_view_box(image.size, image_processor)
     return _data_uri(image.resize((side, side), resample=3, box=box), "JPEG")  # 3 = bicubic
 
 
@@ -91,7 +92,6 @@ def _histogram(counts: list[int], width: int = 520, height: int = 140) -> dict:
 
 def _cards(report_data: dict, taxonomy, options, model, processor, items=None) -> dict[str, list[dict]]:
     """Per risk type, a card per top row: scores, prompt, thumbnail and attention overlay."""
-    from safevlm.guarded import pixel_values
     from safevlm.scan.attention import attention_maps
     from safevlm.scan.pipeline import ItemBatches
     from safevlm.scan.sources import enumerate_inputs
@@ -105,7 +105,7 @@ def _cards(report_data: dict, taxonomy, options, model, processor, items=None) -
         except (ValueError, OSError) as err:  # the inputs moved since the scan: cards without pictures
             logger.warning("report: cannot read the inputs again (%s); thumbnails left out", err)
     items = {it.id: it for it in items or () if it.id in wanted}
-    loader = ItemBatches([], processor, model.config.num_image_features, options.prompt)
+    loader = ItemBatches([], processor, model.backbone.fixed_image_tokens, options.prompt)
     grids = {}
     for type_name, rows in tops.items():
         cards = []
@@ -127,8 +127,9 @@ def _cards(report_data: dict, taxonomy, options, model, processor, items=None) -
                 if prep.error is not None:
                     card["note"] = f"cannot show: {prep.error[1]}"
                 elif images:
-                    card["thumbnail"] = thumbnail(images[0], processor.image_processor)
-                    grid = attention_maps(model, processor, [prep], pixel_values(processor, images))[0]
+                    card["thumbnail"] = thumbnail(images[0], processor.image_processor,
+                                                  whole=model.config.variable_image_features)
+                    grid = attention_maps(model, processor, [prep], loader.finish([prep], images))[0]
                     if grid is not None:
                         card["heatmap"] = heatmap_overlay(grid)
             cards.append(card)
@@ -142,6 +143,8 @@ def attention_note(config) -> str:
         return f"cabstractor: {config.num_safety_features} pooled safety features on a {side} x {side} grid, upsampled"
     from safevlm.scan.attention import grid_of
 
+    if config.variable_image_features:
+        return "mlp projector: one safety feature per patch; each image's own rows x cols feature grid (the whole image)"
     side = grid_of(config)[1]
     return f"mlp projector: one safety feature per patch, a {side} x {side} patch grid"
 

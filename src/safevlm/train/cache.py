@@ -8,6 +8,22 @@ name is a hash of everything but the image::
     <cache root>/<namespace>/identity.json          what the namespace stands for
     <cache root>/<namespace>/shard-<rank>-<id>.safetensors   {image content hash: (N, Dv)}
 
+Families whose images give variable numbers of features (LLaVA-NeXT / OneVision tiles,
+dynamic resolution: ``variable_image_features``) store, per image, the row of the
+:class:`~safevlm.backbones.VisionFeatures` that the vision pass returned, each tensor under
+``<hash><suffix>`` in the same shard (:func:`vision_entries`)::
+
+    <hash>              (n_i, Dv)  the image's valid safety-side features (no padding)
+    <hash>.grid         (3,)       (offset, rows, cols) of its 2-D grid (what the cabstractor pools)
+    <hash>.tokens       ()         image placeholder tokens it takes in input_ids
+    <hash>.base         the base projector path's input for the image (LLaVA-NeXT: its tiles)
+    <hash>.meta.<name>  its row of each per-image tensor the family keeps (image_sizes...)
+
+so a cached batch is the same :class:`VisionFeatures` as the vision pass (rows padded again
+to the batch's longest). Their identity (format 2) also holds the base config's vision-side
+fields (tiling grid, aspect-ratio rule): fixed-grid caches (format 1) are untouched, and no
+namespace of one kind can be read as the other.
+
 * the **namespace** hashes the vision tower's weights (names, shapes, dtypes, bytes) and
   config, the feature layer(s), the selection strategy and the image processor's settings;
   change any of them and the old entries are simply not found (a miss, never a wrong hit);
@@ -32,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1  # fixed-grid families: one (N, Dv) tensor per image
+VARIABLE_CACHE_FORMAT = 2  # variable-length families: a VisionFeatures row per image (module docstring)
 IDENTITY_NAME = "identity.json"
 HASH_MEMO_NAME = "image_hashes.json"
 # volatile config keys that do not change the features
@@ -56,20 +73,33 @@ def _clean(d: dict) -> dict:
 
 
 def cache_identity(model, image_processor) -> dict:
-    """What the features depend on besides the image (the namespace is its hash)."""
+    """What the features depend on besides the image (the namespace is its hash).
+
+    ``image_processor``: the processor's image processor (a whole processor is read through
+    its ``image_processor``). Variable-length families add their format, family and the base
+    config without its text part (where tiles are laid out, unpadded, shrunk)."""
     backbone = model.backbone
     config = backbone.config
+    image_processor = getattr(image_processor, "image_processor", image_processor)
     vision_config = config.vision_config.to_dict() if hasattr(config.vision_config, "to_dict") else {}
     processor_settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else vars(image_processor)
-    return {
+    identity = {
         "format": CACHE_FORMAT,
         "image_loader": "safevlm.data.open_image/rgb",
         "vision_tower_sha256": vision_tower_fingerprint(backbone.vision_tower),
         "vision_config": _clean(vision_config),
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "vision_feature_layer": getattr(config, "vision_feature_layer", None),
+        "vision_feature_select_strategy": getattr(config, "vision_feature_select_strategy", None),
         "image_processor": _clean(json.loads(json.dumps(processor_settings, default=str))),
     }
+    if backbone.variable_image_features:
+        layout = {k: v for k, v in config.to_dict().items() if k not in ("text_config", "vision_config")}
+        identity.update({
+            "format": VARIABLE_CACHE_FORMAT,
+            "family": backbone.family,
+            "base_config": _clean(json.loads(json.dumps(layout, default=str))),
+        })
+    return identity
 
 
 def image_content_hash(data: bytes) -> str:
@@ -141,7 +171,9 @@ class FeatureCache:
         blob = json.dumps(identity, sort_keys=True, default=str).encode()
         self.namespace = hashlib.sha256(blob).hexdigest()[:24]
         self.dir = self.root / self.namespace
+        self.variable = identity.get("format") == VARIABLE_CACHE_FORMAT  # VisionFeatures rows, not (N, Dv)
         self._index: dict[str, Path] = {}
+        self._suffixes: dict[str, tuple[str, ...]] = {}  # variable-length entries: their other tensors
         self._handles: dict[Path, object] = {}
         self.refresh()
 
@@ -152,16 +184,22 @@ class FeatureCache:
 
     # -- lookup --------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Rescan the shards (after other processes wrote some)."""
+        """Rescan the shards (after other processes wrote some). The index holds images (their
+        features' key); a variable-length entry's other tensors sit in the same shard."""
         from safetensors import safe_open
 
-        index = {}
+        index, suffixes = {}, {}
         if self.dir.is_dir():
             for shard in sorted(self.dir.glob("shard-*.safetensors")):
+                in_shard: dict[str, list[str]] = {}
                 with safe_open(str(shard), framework="pt") as f:
                     for key in f.keys():
-                        index.setdefault(key, shard)
-        self._index = index
+                        image, dot, rest = key.partition(".")
+                        in_shard.setdefault(image, []).extend([dot + rest] if dot else [])
+                for image, rest in in_shard.items():
+                    if image not in index:
+                        index[image], suffixes[image] = shard, tuple(sorted(rest))
+        self._index, self._suffixes = index, suffixes
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -180,16 +218,36 @@ class FeatureCache:
             handle = self._handles[shard] = safe_open(str(shard), framework="pt")
         return handle
 
-    def get(self, key: str) -> torch.Tensor:
-        """Features (N, Dv) of one image; ``KeyError`` if absent."""
+    def get(self, key: str, suffix: str = "") -> torch.Tensor:
+        """Features (N, Dv) of one image (variable-length entries: (n_i, Dv), or the entry's
+        tensor ``suffix``, e.g. ``".grid"``); ``KeyError`` if absent."""
         shard = self._index.get(key)
         if shard is None:
             raise KeyError(f"image {key[:12]}... is not in the feature cache {self.dir}")
-        return self._handle(shard).get_tensor(key)
+        return self._handle(shard).get_tensor(key + suffix)
 
-    def get_batch(self, keys: list[str]) -> torch.Tensor:
-        """Features (len(keys), N, Dv)."""
-        return torch.stack([self.get(k) for k in keys])
+    def image_tokens(self, key: str) -> int:
+        """The image placeholder tokens of one image of a variable-length cache."""
+        return int(self.get(key, ".tokens"))
+
+    def get_batch(self, keys: list[str]):
+        """Features (len(keys), N, Dv); for a variable-length cache the
+        :class:`~safevlm.backbones.VisionFeatures` of these images, as the vision pass gives them."""
+        if not self.variable:
+            return torch.stack([self.get(k) for k in keys])
+        from safevlm.backbones import VisionFeatures
+
+        features = [self.get(k) for k in keys]  # KeyError for an image not in the cache
+        layouts = {self._suffixes[k] for k in keys}
+        if len(layouts) != 1:
+            raise ValueError(f"the feature cache {self.dir} holds entries of different layouts {sorted(layouts)}; "
+                             "delete the folder to rebuild it")
+        (suffixes,) = layouts
+        grids = [self.get(k, ".grid").tolist() for k in keys]
+        base = tuple(self.get(k, ".base") for k in keys) if ".base" in suffixes else None
+        names = [s[len(".meta."):] for s in suffixes if s.startswith(".meta.")]
+        meta = {n: torch.stack([self.get(k, ".meta." + n) for k in keys]) for n in names}
+        return VisionFeatures.pad(features, grids, base_inputs=base, meta=meta)
 
     def __getstate__(self):  # DataLoader workers reopen shards themselves
         state = dict(self.__dict__)
@@ -198,10 +256,11 @@ class FeatureCache:
 
     # -- writing -------------------------------------------------------------------------------
     def put(self, features: dict[str, torch.Tensor], rank: int = 0) -> Path | None:
-        """Write one shard ``{key: (N, Dv)}`` atomically; returns its path."""
+        """Write one shard ``{key: (N, Dv)}`` (variable-length entries: also ``{key + suffix:
+        tensor}``, see :func:`vision_entries`) atomically; returns its path."""
         from safetensors.torch import save_file
 
-        features = {k: v for k, v in features.items() if k not in self._index}
+        features = {k: v for k, v in features.items() if k.split(".", 1)[0] not in self._index}
         if not features:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -217,8 +276,12 @@ class FeatureCache:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
+        written: dict[str, list[str]] = {}
         for k in features:
-            self._index[k] = self.dir / name
+            image, dot, rest = k.partition(".")
+            written.setdefault(image, []).extend([dot + rest] if dot else [])
+        for image, rest in written.items():
+            self._index[image], self._suffixes[image] = self.dir / name, tuple(sorted(rest))
         return self.dir / name
 
     @torch.no_grad()
@@ -234,9 +297,11 @@ class FeatureCache:
     ) -> int:
         """Compute and store the features of the items not cached yet.
 
-        ``items`` are ``(key, image source)``; ``encode(sources) -> (B, N, Dv)`` runs the vision
-        tower. Rank ``r`` of ``world_size`` handles every ``world_size``-th missing item; call
-        :meth:`refresh` on every rank after all ranks are done. Returns the number computed here.
+        ``items`` are ``(key, image source)``; ``encode(sources)`` runs the vision tower and
+        returns (B, N, Dv), or, for a variable-length cache, B entry dicts
+        (:func:`vision_entries`). Rank ``r`` of ``world_size`` handles every
+        ``world_size``-th missing item; call :meth:`refresh` on every rank after all ranks are
+        done. Returns the number computed here.
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -256,13 +321,17 @@ class FeatureCache:
         for start in range(0, len(todo), batch_size):
             keys = todo[start:start + batch_size]
             features = encode([sources[k] for k in keys])
-            if features.shape[0] != len(keys):
-                raise ValueError(f"encode returned {features.shape[0]} feature maps for {len(keys)} images")
-            pending.update({k: f.clone() for k, f in zip(keys, features.to("cpu"), strict=True)})
+            if len(features) != len(keys):
+                raise ValueError(f"encode returned {len(features)} feature maps for {len(keys)} images")
+            if isinstance(features, torch.Tensor):
+                pending.update({k: f.clone() for k, f in zip(keys, features.to("cpu"), strict=True)})
+            else:
+                for k, entry in zip(keys, features, strict=True):
+                    pending.update({k + suffix: t.to("cpu").clone() for suffix, t in entry.items()})
             done += len(keys)
             if bar is not None:
                 bar.update(len(keys))
-            if len(pending) >= shard_size:
+            if sum("." not in k for k in pending) >= shard_size:
                 self.put(pending, rank)
                 pending = {}
         if pending:
@@ -272,28 +341,61 @@ class FeatureCache:
         return done
 
 
-def image_encoder(model, image_processor, image_root=None) -> Callable[[list], torch.Tensor]:
-    """``encode(records) -> (B, N, Dv)``: open each record's image safely, run the image
-    processor and one vision-tower pass (no grad, eval mode)."""
+def vision_entries(vision, image_tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Per image of a :class:`~safevlm.backbones.VisionFeatures`, the tensors a variable-length
+    cache stores under ``<key><suffix>`` (module docstring): ``""`` its valid features (n_i, Dv),
+    ``".grid"`` (3,), ``".tokens"`` () from ``image_tokens`` (num_images,), ``".base"`` its base
+    input (when the family keeps one per image), ``".meta.<name>"`` its row of each meta tensor."""
+    entries = []
+    lengths = vision.lengths.tolist()
+    for i, n in enumerate(lengths):
+        entry = {"": vision.features[i, :n], ".grid": vision.grids[i], ".tokens": image_tokens[i].reshape(())}
+        if vision.base_inputs is not None:
+            base = vision.base_inputs[i]
+            if not isinstance(base, torch.Tensor):
+                raise TypeError(f"the feature cache stores one tensor of base inputs per image, got {type(base).__name__}")
+            entry[".base"] = base
+        for name, value in vision.meta.items():
+            if "." in name:
+                raise ValueError(f"meta name {name!r}: the feature cache needs names without '.'")
+            entry[f".meta.{name}"] = value[i]
+        entries.append({k: v.detach().contiguous() for k, v in entry.items()})
+    return entries
+
+
+def image_encoder(model, processor, image_root=None) -> Callable[[list], torch.Tensor | list]:
+    """``encode(records)``: open each record's image safely, run the processor (the one image
+    path, :meth:`~safevlm.backbones.Backbone.image_inputs`: ``pixel_values`` and the family's
+    other image inputs) and one vision-tower pass (no grad, eval mode). Returns (B, N, Dv) on
+    fixed-grid families, B :func:`vision_entries` dicts where images differ in size.
+
+    ``processor``: the base's processor (fixed-grid families need only its ``image_processor``)."""
     from safevlm.data import open_image
 
-    def encode(records: list) -> torch.Tensor:
+    backbone = model.backbone
+
+    def encode(records: list):
         images = [open_image(r, image_root) for r in records]
-        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        tower = model.backbone.vision_tower
+        inputs = backbone.image_inputs(processor, images)
+        tower = backbone.vision_tower
         was_training = tower.training
         tower.eval()
         try:
             device = next(tower.parameters()).device
-            return model.encode_images(pixel_values.to(device))
+            vision = model.encode_images(**inputs.to(device).tensors)
         finally:
             tower.train(was_training)
+        if isinstance(vision, torch.Tensor):
+            return vision
+        return vision_entries(vision, backbone.image_token_counts(vision))
 
     return encode
 
 
 class CachedFeatureCollator:
-    """Batches from cached features: ``vision_features`` (B, N, Dv) instead of ``pixel_values``.
+    """Batches from cached features: ``vision_features`` (B, N, Dv), or the
+    :class:`~safevlm.backbones.VisionFeatures` of a variable-length cache, instead of
+    ``pixel_values`` (and the family's other image inputs).
 
     Text goes through the wrapped :class:`~safevlm.data.SafetyCollator`'s ``encode`` (the same
     chat template, image-token expansion and assistant-only labels), memoised per record, so a
@@ -304,12 +406,17 @@ class CachedFeatureCollator:
         cache: the filled :class:`FeatureCache`.
         keys: ``{record.id: image content hash}`` (see :func:`record_image_keys`).
         num_image_tokens: image placeholder tokens per image: ``SafetyConfig.num_image_features``
-            when the LLM runs; 1 when it does not (stage 1 with ``w_lm = 0``), since the head
-            masks image placeholders out and nothing else reads them, so the head's output is
-            the same and its keys are N - 1 fewer per sample.
+            when the LLM runs on a fixed-grid family; None when the LLM runs on a
+            variable-length one (each image's own count, stored with its entry); 1 when the LLM
+            does not run (stage 1 with ``w_lm = 0``), since the head masks image placeholders out
+            and nothing else reads them, so the head's output is the same and its keys are
+            N - 1 fewer per sample.
+
+    Each batch also carries the ``prompt_mask`` of the plain collator (the tokens the head
+    reads), so the head reads the same tokens cached and uncached.
     """
 
-    def __init__(self, collator, cache: FeatureCache, keys: dict[str, str], num_image_tokens: int):
+    def __init__(self, collator, cache: FeatureCache, keys: dict[str, str], num_image_tokens: int | None):
         self.collator = collator
         self.cache = cache
         self.keys = keys
@@ -321,9 +428,15 @@ class CachedFeatureCollator:
 
         hit = self._encoded.get(record.id)
         if hit is None:
-            e = self.collator.encode(record, self.num_image_tokens)
+            count = self.num_image_tokens
+            if count is None:
+                if not self.cache.variable:
+                    raise ValueError("num_image_tokens=None (each image's own count) needs a variable-length cache")
+                count = self.cache.image_tokens(self.keys[record.id])
+            e = self.collator.encode(record, count)
             hit = self._encoded[record.id] = (
-                np.asarray(e["input_ids"], dtype=np.int64), np.asarray(e["labels"], dtype=np.int64)
+                np.asarray(e["input_ids"], dtype=np.int64), np.asarray(e["labels"], dtype=np.int64),
+                np.asarray(e["prompt_mask"], dtype=bool),
             )
         return hit
 
@@ -339,20 +452,23 @@ class CachedFeatureCollator:
             raise ValueError(f"records {missing[:3]} have no image; training with the feature cache needs one image per record")
         encoded = [self._encode(r) for r in records]
         tokenizer = self.collator.tokenizer
-        length = max(len(ids) for ids, _ in encoded)
+        length = max(len(ids) for ids, _, _ in encoded)
         left = tokenizer.padding_side == "left"
         input_ids = torch.full((len(records), length), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(records), length), -100, dtype=torch.long)
         attention_mask = torch.zeros((len(records), length), dtype=torch.long)
-        for b, (ids, lab) in enumerate(encoded):
+        prompt_mask = torch.zeros((len(records), length), dtype=torch.bool)
+        for b, (ids, lab, prompt) in enumerate(encoded):
             cols = slice(length - len(ids), length) if left else slice(0, len(ids))
             input_ids[b, cols] = torch.from_numpy(ids)
             labels[b, cols] = torch.from_numpy(lab)
+            prompt_mask[b, cols] = torch.from_numpy(prompt)
             attention_mask[b, cols] = 1
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+            "prompt_mask": prompt_mask,
             "risk_level": torch.tensor([r.risk_level for r in records], dtype=torch.long),
             "risk_type": torch.tensor([r.risk_type for r in records], dtype=torch.long),
             "vision_features": self.cache.get_batch([self.keys[r.id] for r in records]),
@@ -367,5 +483,6 @@ __all__ = [
     "image_content_hash",
     "image_encoder",
     "record_image_keys",
+    "vision_entries",
     "vision_tower_fingerprint",
 ]

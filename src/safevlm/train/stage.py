@@ -289,7 +289,7 @@ def prepare_feature_cache(model, processor, records, image_root, config: TrainCo
     cache = FeatureCache.for_model(root, model, processor.image_processor)
     state.wait_for_everyone()  # every rank has its snapshot of the cache before any rank writes
     model.backbone.vision_tower.to(device)
-    encode = image_encoder(model, processor.image_processor, image_root)
+    encode = image_encoder(model, processor, image_root)
     items = [(keys[r.id], r) for r in records]
     computed = cache.fill(
         encode, items, batch_size=config.cache.batch_size, shard_size=config.cache.shard_size,
@@ -407,19 +407,13 @@ def run_stage(
 
     # -- vision-feature cache -----------------------------------------------------------------
     cache_info = None
-    use_cache = config.cache.enabled
-    if use_cache and model.config.variable_image_features:
-        # the cache stores one (N, Dv) tensor per image; these bases give every image size its own N
-        logger.warning("cache.enabled is ignored: %s bases give each image its own number of vision features, "
-                       "which the feature cache does not hold; images go through the vision tower in training",
-                       model.config.base_model_type)
-        use_cache = False
-    if use_cache:
+    if config.cache.enabled:
         cache, keys, computed = prepare_feature_cache(
             model, processor, list(train_records) + val_records, image_root, config, args.device, state, quiet
         )
-        # Without the LLM (stage 1, w_lm = 0) one masked placeholder per image is enough.
-        placeholders = model.config.num_image_features if config.loss.lm_weight > 0 else 1
+        # Without the LLM (stage 1, w_lm = 0) one masked placeholder per image is enough; with it,
+        # every image takes its tokens (variable-length families: each its own, stored in the cache).
+        placeholders = model.backbone.fixed_image_tokens if config.loss.lm_weight > 0 else 1
         collator = CachedFeatureCollator(collator, cache, keys, placeholders)
         cache_info = {"dir": str(cache.dir), "namespace": cache.namespace, "computed": computed, "entries": len(cache)}
 
