@@ -179,7 +179,6 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     from safevlm.backbones import causal_lm_loss, get_backbone
     from safevlm.data import SafetyRecord, Turn
     from safevlm.data.collator import SafetyCollator
-    from safevlm.train.sampler import group_by_length
     from safevlm.train.trainable import set_trainable
 
     rng = random.Random(settings.seed + 2)
@@ -205,10 +204,7 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     steps = settings.lm_epochs * ((len(samples) + bs - 1) // bs)
     opt = torch.optim.AdamW(params, lr=settings.lm_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lm_lr, total_steps=steps, pct_start=0.1)
-    # Batches of similar length (less padding); the vision tower is frozen: its features once.
-    order = group_by_length(list(range(len(samples))), [collator.token_length(s) for s in samples], bs,
-                            torch.Generator().manual_seed(settings.seed))
-    samples = [samples[i] for i in order]
+    # The vision tower is frozen: compute its features once.
     batches = []
     with torch.no_grad():
         for i in range(0, len(samples), bs):
@@ -466,8 +462,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     common = {
         "seed": settings.seed,
         "overwrite": True,
-        "data": {"image_root": str(data_dir), "check_images": False, "balance_types": True, "clean_ratio": None,
-                 "group_by_length": True},
+        "data": {"image_root": str(data_dir), "check_images": False, "balance_types": True, "clean_ratio": None},
         "cache": {"enabled": True, "dir": str(out / "feature_cache")},
         "log": {"logging_steps": 10, "eval_steps": -1, "save_steps": -1, "save_total_limit": 1},
     }
