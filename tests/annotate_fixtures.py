@@ -5,10 +5,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
-import time
 from pathlib import Path
 
 # Two systems with labels that must never reach a rater's page.
@@ -69,31 +66,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
 def serving(app, port: int | None = None, timeout: float = 20.0):
-    """Serve ``app`` with uvicorn on 127.0.0.1 (``port``, or a free one) in a thread; yields the base URL.
-    Unlike test_serve.running it can bind a given port again (SO_REUSEADDR): a server restarted on the
-    same origin, as a rater's open tab sees it."""
-    import uvicorn
+    """Serve ``app`` on 127.0.0.1 (``port``, or a free one) in a thread; yields the base URL. A given
+    port can be bound again: a server restarted on the same origin, as a rater's open tab sees it."""
+    from safevlm.serve import serve_in_thread
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port or 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
+    return serve_in_thread(app, port=port or 0, timeout=timeout)
 
 
 def make_app(items: str, db: Path, **settings):

@@ -589,13 +589,15 @@ _STARTED = int(time.time())
 @contextlib.contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0, log_level: str = "warning"):
     """Serve ``app`` with uvicorn in a background thread (tests, benchmarks, notebooks); yields
-    its base URL (``port=0``: a free port). The server stops when the block ends."""
+    its base URL (``port=0``: a free port; a given port can be bound again after a restart).
+    The server stops when the block ends."""
     import socket
     import threading
 
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may bind the same port again
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
