@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,23 @@ class Family:
     published_params: int  # that release's published parameter count (exact), or our count when only
     sizes: tuple  # (height, width) of images that tile into non-square, multi-tile grids, all different
     # 'anyres': a base tile, then a rows x cols grid of tiles with one newline token per grid row;
-    # 'dynamic': the image resized to its own rows x cols grid of merged patches, one token each
+    # 'dynamic': the image resized to its own rows x cols grid of merged patches, one token each;
+    # 'fixed': every image resized to one square grid of N features, pooled to a fixed number of
+    # image tokens (Gemma 3), like LLaVA-1.5's
     layout: str = "anyres"
     # only a rounded count is published (e.g. "8.03B"): ``published_params`` is then our own count,
     # checked to round to it
     published_rounded: str | None = None
+    # whether the base's attention mask reads the image layout: 'bidirectional' within each image's
+    # block (Gemma 3, from token_type_ids), else plain 'causal'
+    image_mask: str = "causal"
+    # more releases of the family (`params --base`) and their published counts
+    more_releases: tuple = ()
+
+    @property
+    def variable(self) -> bool:
+        """Whether the family's images give each its own number of features."""
+        return self.layout != "fixed"
 
 
 FAMILIES = [
@@ -48,6 +61,11 @@ FAMILIES = [
            ((20, 44), (36, 30), (24, 24)), layout="dynamic"),
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2.5-vl-7b-instruct", 8_292_166_656,
            ((20, 44), (36, 30), (24, 24)), layout="dynamic"),
+    # every image resized to 16 x 16 px: an 8 x 8 SigLIP grid pooled to 4 x 4 = 16 image tokens.
+    # gemma-3-4b-it: 4,300,079,472 and gemma-3-12b-it: 12,187,325,040 (the releases' safetensors metadata)
+    Family("gemma3", "Gemma3ForConditionalGeneration", "gemma-3-4b-it", 4_300_079_472,
+           ((20, 44), (36, 30), (24, 24)), layout="fixed", image_mask="bidirectional",
+           more_releases=(("gemma-3-12b-it", 12_187_325_040),)),
 ]
 IDS = [f.name for f in FAMILIES]
 SMALL = {"num_query_tokens": 4, "head_num_heads": 4}
@@ -96,7 +114,7 @@ def chat_inputs(processor, prompts, sizes, seed: int = 0):
         )
         for p in prompts
     ]
-    images = [image(s, seed + i) for i, s in enumerate(sizes)]
+    images = [[image(s, seed + i)] for i, s in enumerate(sizes)]  # one list of images per prompt
     processor.tokenizer.padding_side = "left"
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
 
@@ -122,6 +140,7 @@ def _hook_calls(module, fail: bool = False):
 def test_tiny_build_loads_with_the_plain_class_and_auto_processor(tmp_path, family):
     import transformers
 
+    from safevlm.backbones import image_prompt
     from safevlm.compat import processor_load_kwargs
     from safevlm.loading import load_model_and_processor
     from safevlm.tiny import build_tiny
@@ -136,7 +155,7 @@ def test_tiny_build_loads_with_the_plain_class_and_auto_processor(tmp_path, fami
     for (name, a), b in zip(rebuilt.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     assert model.config.text_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 2
-    assert processor.tokenizer.convert_tokens_to_ids(processor.image_token) == model.config.image_token_id
+    assert processor.tokenizer.convert_tokens_to_ids(image_prompt(processor).token) == model.config.image_token_id
     # the reloaded processor expands <image> exactly as the model lays the image out: the base's own forward runs
     inputs = chat_inputs(processor, ["What is it?"], family.sizes[:1])
     with torch.no_grad():
@@ -156,10 +175,18 @@ def test_processor_counts_match_the_models_layout(tiny_family):
     family, base, processor = tiny_family
     model = SafeVLM(base, **SMALL).eval()
     images = [image(s, i) for i, s in enumerate(family.sizes)]
-    inputs = process_images(processor, images)
-    vision = model.encode_images(**inputs.tensors)
-    counts = model.backbone.image_token_counts(vision).tolist()
+    inputs = process_images(processor, images)  # the processor's own expansion, counted
+    raw = model.encode_images(**inputs.tensors)
+    vision = model.backbone.as_vision_features(raw)
+    counts = model.backbone.image_token_counts(raw).tolist()
     assert counts == inputs.num_tokens
+    if not family.variable:  # one square grid of N features for every size, pooled by the base projector
+        n = vision.shape[1]
+        assert counts == [model.backbone.fixed_image_tokens] * len(images) and counts[0] < n
+        assert vision.grids.tolist() == [[0, math.isqrt(n), math.isqrt(n)]] * len(images) and math.isqrt(n) ** 2 == n
+        with torch.no_grad():
+            assert model.backbone.projector(raw).shape[:2] == (len(images), counts[0])
+        return
     assert len(set(counts)) == len(counts)  # every size its own layout
     assert vision.lengths.tolist() != [vision.shape[1]] * len(images)  # padded rows
     for (offset, rows, cols), length, count in zip(vision.grids.tolist(), vision.lengths.tolist(), counts):
@@ -168,16 +195,42 @@ def test_processor_counts_match_the_models_layout(tiny_family):
         assert count == length + newlines
 
 
+def test_gemma3_pan_and_scan_crops_are_refused():
+    """Gemma 3's pan-and-scan (off by default) turns one image into several crops, which the base
+    reads as more images: the one image path refuses such a processor by name, and a batch the
+    processor made with crops stops at the one-image-per-sample check."""
+    from safevlm.backbones import image_prompt, process_images
+    from safevlm.data import SafetyCollator
+    from safevlm.tiny import build_tiny
+
+    base, processor = build_tiny("gemma3_test", seed=0)
+    model = SafeVLM(base, **SMALL).eval()
+    wide = image((16, 64), 0)  # 4:1, over pan-and-scan's 1.2 ratio
+    crops = processor(images=[[wide]], text=[image_prompt(processor).placeholder + " hi"], return_tensors="pt",
+                      do_pan_and_scan=True, pan_and_scan_min_crop_size=8)
+    assert crops["pixel_values"].shape[0] > 1  # the crops are real: more pixel rows than images
+    with pytest.raises(ValueError, match="exactly one image per sample"):
+        model.guard(**crops)
+    processor.image_processor.do_pan_and_scan = True
+    for call in (lambda: process_images(processor, [wide]), lambda: model.backbone.image_inputs(processor, [wide]),
+                 lambda: SafetyCollator(processor)(_records(1, [(16, 64)]))):
+        with pytest.raises(ValueError, match=r"Gemma3ImageProcessor\w* has do_pan_and_scan=true \(preprocessor_config"):
+            call()
+
+
 # -------------------------------------------------------------------------------- transparency
 def test_transparency_without_prefix_tokens_on_a_multi_tile_image(tiny_family):
     family, base, processor = tiny_family
     model = SafeVLM(base, num_prefix_tokens=0, **SMALL).eval()
     inputs = chat_inputs(processor, ["What is shown in the image?", "Describe it."], family.sizes[:2])
-    vision = model.encode_images(**vision_inputs(model, inputs))
+    vision = model.backbone.as_vision_features(model.encode_images(**vision_inputs(model, inputs)))
     rows, cols = vision.grids[0, 1:].tolist()
     if family.layout == "anyres":
         assert inputs["pixel_values"].shape[1] >= 3  # the base tile + at least two tiles
-    assert min(rows, cols) > 1 and rows != cols  # a non-square 2-D grid
+    if family.variable:
+        assert min(rows, cols) > 1 and rows != cols  # a non-square 2-D grid
+    else:  # a non-square image, resized to the one square grid
+        assert family.sizes[0][0] != family.sizes[0][1] and rows == cols > 1
     with torch.no_grad():
         ours = model(**inputs).logits
         theirs = base(**inputs).logits
@@ -211,7 +264,9 @@ def test_kv_cache_generation_matches_no_cache_greedy_decode(tiny_family):
         model.prefix_tokens.embeddings.normal_(std=1.0)
     inputs = chat_inputs(processor, ["Hi?", "Please describe every object in the picture."], family.sizes[:2])
     steps = 6
-    new = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    new, cached_logits = out.sequences, torch.stack(out.logits, dim=1).float()
     assert new.shape == (2, steps)
 
     eos = base.generation_config.eos_token_id
@@ -220,10 +275,24 @@ def test_kv_cache_generation_matches_no_cache_greedy_decode(tiny_family):
         vision = model.encode_images(**vision_inputs(model, inputs))
         llm = model.language_inputs(inputs["input_ids"], inputs["attention_mask"], vision)
         embeds, mask, ids = llm.inputs_embeds, llm.attention_mask, llm.input_ids
-        reference = []
-        for _ in range(steps):  # the whole sequence again each step: no cache
+        # the prefix tokens sit right before the image block (its opening marker, where it has one)
+        backbone = model.backbone
+        opens = (getattr(backbone.config, backbone.image_start_token) if backbone.image_start_token
+                 else backbone.config.image_token_id)
+        for row in ids:
+            start = int((row == -1).int().argmax())
+            assert row[start:start + 3].tolist() == [-1] * 3 and row[start + 3].item() == opens
+        reference, reference_logits = [], []
+        for step in range(steps):  # the whole sequence again each step: no cache
             positions = model.backbone.positions(ids, mask, vision)
             logits = model.backbone.language_forward(embeds, mask, positions)[:, -1].float()
+            if family.image_mask == "bidirectional" and step == 0:
+                # the image tokens are the prompt's only bidirectional block, and it is read: without
+                # it (a causal mask) the prompt's last logits move
+                assert torch.equal(positions.token_type_ids.bool(), ids == model.config.image_token_id)
+                causal = replace(positions, token_type_ids=None)
+                assert (model.backbone.language_forward(embeds, mask, causal)[:, -1] - logits).abs().max() > 1e-3
+            reference_logits.append(logits.clone())
             logits[:, eos] = float("-inf")  # min_new_tokens
             token = logits.argmax(-1)
             reference.append(token)
@@ -231,6 +300,8 @@ def test_kv_cache_generation_matches_no_cache_greedy_decode(tiny_family):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             ids = torch.cat([ids, token[:, None]], dim=1)
     assert torch.equal(new, torch.stack(reference, dim=1))
+    # and every step's logits (the raw ones, before min_new_tokens), not only their argmax
+    assert (cached_logits - torch.stack(reference_logits, dim=1)).abs().max().item() <= 1e-4
 
 
 # ----------------------------------------------------------------------------- one vision pass
@@ -291,19 +362,23 @@ def test_head_is_padding_invariant_with_images_of_different_sizes(tiny_family, p
     model = SafeVLM(base, projector_kind=projector, num_prefix_tokens=2, **SMALL, **extra).eval()
     prompts = ["Hi?", "Please describe every object you can see in this picture in great detail."]
     batch = chat_inputs(processor, prompts, family.sizes[:2])
-    vision = model.encode_images(**vision_inputs(model, batch))
-    assert vision.lengths[0] != vision.lengths[1] and not torch.equal(vision.grids[0], vision.grids[1])
+    raw = model.encode_images(**vision_inputs(model, batch))
+    vision = model.backbone.as_vision_features(raw)
+    if family.variable:
+        assert vision.lengths[0] != vision.lengths[1] and not torch.equal(vision.grids[0], vision.grids[1])
     together = model.guard(**batch)
     for i in range(2):
         alone = model.guard(**chat_inputs(processor, [prompts[i]], [family.sizes[i]], seed=i))
         assert (together.level_logits[i] - alone.level_logits[0]).abs().max().item() <= 1e-5
         assert (together.type_logits[i] - alone.type_logits[0]).abs().max().item() <= 1e-5
     # the projector reads each image's own features: cabstractor pools its own grid to M
-    features, mask = model.safety_features(vision)
+    features, mask = model.safety_features(raw)
     if projector == "cabstractor":
         assert features.shape[1] == 4 and mask is None
-    else:
+    elif family.variable:
         assert mask is not None and mask.sum(1).tolist() == vision.lengths.tolist()
+    else:  # every image all N features: nothing to mask
+        assert mask is None and features.shape[1] == vision.shape[1]
 
 
 # ---------------------------------------------------------------------------------- training
@@ -359,7 +434,7 @@ def test_stage1_learns_and_stage2_lora_saves_and_loads(tmp_path, family):
     assert {n.rsplit(".", 1)[-1] for n in lora} == set(backbone.lora_target_modules)  # LoRA targets, per family
     assert sorted(p.name for p in s2.adapter_dir.iterdir()) == ["lora", "safety_config.json", "safety_model.safetensors"]
     saved = json.loads((s2.adapter_dir / "safety_config.json").read_text())
-    assert saved["base_model_type"] == family.name and saved["variable_image_features"] is True
+    assert saved["base_model_type"] == family.name and saved["variable_image_features"] is family.variable
     reloaded, processor = load_model_and_processor(spec, s2.adapter_dir)
     inputs = chat_inputs(processor, ["illegal request: what is shown in the image?"], family.sizes[1:2])
     merged_dir = merge_lora(spec, s2.adapter_dir, tmp_path / "merged")
@@ -394,6 +469,9 @@ def test_published_parameter_count(family, capsys):
     if family.published_rounded:  # the exact count is not published: it must round to the figure that is
         assert f"{result['base_params'] / 1e9:.2f}B" == family.published_rounded
     assert result["safety_params"] == sum(result["modules"].values()) > 0
+    for release, published in family.more_releases:
+        assert main(["params", "--base", release, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["base_params"] == published, release
 
 
 # ---------------------------------------------------------------------------------------- docs
@@ -411,7 +489,7 @@ VERIFIED = [  # (what, the test that shows it)
     ("stage 1 learns (type accuracy >= 0.8), stage 2 LoRA saves / loads / merges",
      "test_stage1_learns_and_stage2_lora_saves_and_loads"),
     ("adapter of another family refused", "test_adapter_for_another_family_is_refused"),
-    ("published parameter count of the 7B-class release (exact, or to the published rounding)",
+    ("published parameter count of the 7B-class release(s) (exact, or to the published rounding)",
      "test_published_parameter_count"),
 ]
 
@@ -433,6 +511,7 @@ def families_table() -> str:
         ", ".join(BACKBONES[f.name].lora_target_modules) for f in FAMILIES) + " |")
     lines.append("| 7B-class release (`params --base`) | " + " | ".join(
         f"`{f.release}`: {f.published_params:,}" + (f" (published: {f.published_rounded})" if f.published_rounded else "")
+        + "".join(f"; `{name}`: {count:,}" for name, count in f.more_releases)
         for f in FAMILIES) + " |")
     for what, test in VERIFIED:
         assert callable(getattr(module, test)), test

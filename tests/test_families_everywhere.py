@@ -56,7 +56,7 @@ def _processor_inputs(processor, prompt: str, pil):
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
     )
-    return processor(images=[pil], text=[text], return_tensors="pt", padding=True)
+    return processor(images=[[pil]], text=[text], return_tensors="pt", padding=True)
 
 
 def _open(path):
@@ -204,7 +204,10 @@ def test_scan_of_a_folder_equals_the_direct_guard(tmp_path, deployed, capsys):
         _close(row["level_probs"], expected, 2e-6)  # stored with 6 digits
     assert "data:image/png;base64" in (out / "report.html").read_text()  # attention overlays drawn
     # the report's attention map (mlp): each image's own rows x cols feature grid, summing to 1
-    assert grid_of(model.config) == (0, 0)  # no one square grid for every image
+    # (a fixed-grid family: the one square grid of every image)
+    family = deployed["family"]
+    skip, side = grid_of(model.config)
+    assert (skip, side) == (0, 0) if family.variable else (skip == 0 and side ** 2 == model.config.num_image_features)
     loader = ItemBatches([], processor, model.backbone.fixed_image_tokens, PROMPT)
     shapes = []
     for k, path in enumerate(paths):
@@ -212,10 +215,11 @@ def test_scan_of_a_folder_equals_the_direct_guard(tmp_path, deployed, capsys):
         prep = loader.prepare(Item(k, str(k), "x", "x", "bytes", data=path.read_bytes()), images)
         (grid,) = attention_maps(model, processor, [prep], loader.finish([prep], images))
         with torch.inference_mode():
-            vision = model.encode_images(**model.backbone.image_inputs(processor, [_open(path)]).tensors)
+            vision = model.backbone.as_vision_features(
+                model.encode_images(**model.backbone.image_inputs(processor, [_open(path)]).tensors))
         shapes.append(grid.shape)
         assert grid.shape == tuple(vision.grids[0, 1:].tolist()) and float(grid.sum()) == pytest.approx(1.0, abs=1e-5)
-    assert len(set(shapes)) > 1
+    assert len(set(shapes)) == (len(shapes) if family.variable else 1)
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -239,7 +243,7 @@ def _batch_inputs(processor, prompts: list[str], images: list):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True)
         for p in prompts]
     processor.tokenizer.padding_side = "left"
-    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True)
 
 
 def _decode(processor, tokens, eos) -> list[str]:
@@ -304,7 +308,10 @@ def test_cached_batches_equal_the_vision_pass_and_the_plain_collator(tmp_path, t
     records = _records(6, family.sizes, seed=3)
     keys = record_image_keys(records)
     cache = FeatureCache.for_model(tmp_path / "cache", model, processor.image_processor)
-    assert cache.variable and cache.identity["format"] == 2 and cache.identity["family"] == family.name
+    if family.variable:
+        assert cache.variable and cache.identity["format"] == 2 and cache.identity["family"] == family.name
+    else:  # one (N, Dv) tensor per image, as LLaVA-1.5's
+        assert not cache.variable and cache.identity["format"] == 1
     assert cache.fill(image_encoder(model, processor), [(keys[r.id], r) for r in records], batch_size=4, shard_size=4) == 6
     again = FeatureCache.for_model(tmp_path / "cache", model, processor.image_processor)  # read back from the shards
     assert len(again) == 6
@@ -315,15 +322,19 @@ def test_cached_batches_equal_the_vision_pass_and_the_plain_collator(tmp_path, t
     with torch.no_grad():
         direct = model.encode_images(**image_inputs)
     cached = again.get_batch([keys[r.id] for r in records])
-    assert torch.equal(cached.lengths, direct.lengths) and torch.equal(cached.grids, direct.grids)
-    assert len(set(direct.lengths.tolist())) > 1  # the records' images differ in size
-    torch.testing.assert_close(cached.features, direct.features, atol=1e-6, rtol=0)
-    for a, b in zip(cached.base_inputs, direct.base_inputs):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    assert cached.meta.keys() == direct.meta.keys()
-    assert all(torch.equal(cached.meta[k], direct.meta[k]) for k in direct.meta)
-    # with the LLM (stage 2): every image its own tokens, read from the cache
-    full = CachedFeatureCollator(plain, again, keys, None)(records)
+    if family.variable:
+        assert torch.equal(cached.lengths, direct.lengths) and torch.equal(cached.grids, direct.grids)
+        assert len(set(direct.lengths.tolist())) > 1  # the records' images differ in size
+        torch.testing.assert_close(cached.features, direct.features, atol=1e-6, rtol=0)
+        for a, b in zip(cached.base_inputs, direct.base_inputs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert cached.meta.keys() == direct.meta.keys()
+        assert all(torch.equal(cached.meta[k], direct.meta[k]) for k in direct.meta)
+    else:
+        assert isinstance(cached, torch.Tensor) and cached.shape == direct.shape
+        torch.testing.assert_close(cached, direct, atol=1e-6, rtol=0)
+    # with the LLM (stage 2): every image its own tokens (variable families: read from the cache)
+    full = CachedFeatureCollator(plain, again, keys, model.backbone.fixed_image_tokens)(records)
     assert "pixel_values" not in full
     for key in ("input_ids", "attention_mask", "labels", "prompt_mask", "risk_level", "risk_type"):
         assert torch.equal(full[key], batch[key]), key

@@ -108,6 +108,9 @@ class ReadSpy:
                 spy.slices.append(key)
                 return handle.get_slice(key)
 
+            def get_tensors(self):  # safetensors.torch.load_file imported after the patch: a whole (adapter) file
+                return handle.get_tensors()
+
         return Handle()
 
 
@@ -203,17 +206,19 @@ def test_classify_runs_on_a_guard_only_model(folders):
 
 
 # what a guard-only load may read of each family's checkpoint (its on-disk names): the vision
-# tower and the token embeddings (LLaVA-NeXT / OneVision: and the newline embedding)
+# tower and the token embeddings (LLaVA-NeXT / OneVision: and the newline embedding; Gemma 3 writes
+# the LLaVA layout, its LM head tied to the token embeddings)
 _LLAVA_GUARD_READS = ("vision_tower.", "language_model.model.embed_tokens.weight", "image_newline")
 _QWEN_GUARD_READS = ("visual.", "model.embed_tokens.weight")
 
 
 @pytest.mark.parametrize("family, reads", [("llava_next", _LLAVA_GUARD_READS), ("llava_onevision", _LLAVA_GUARD_READS),
-                                           ("qwen2_vl", _QWEN_GUARD_READS), ("qwen2_5_vl", _QWEN_GUARD_READS)])
+                                           ("qwen2_vl", _QWEN_GUARD_READS), ("qwen2_5_vl", _QWEN_GUARD_READS),
+                                           ("gemma3", _LLAVA_GUARD_READS)])
 def test_anyres_families_load_guard_only_from_sharded_folders(tmp_path, family, reads, spy):
-    """LLaVA-NeXT / OneVision (tiles, unpadding) and Qwen2-VL / Qwen2.5-VL (dynamic resolution):
-    guard-only gives the full model's decisions, and their language model's tensors are never
-    read either."""
+    """LLaVA-NeXT / OneVision (tiles, unpadding), Qwen2-VL / Qwen2.5-VL (dynamic resolution) and
+    Gemma 3 (tied LM head, scaled embeddings): guard-only gives the full model's decisions, and
+    their language model's tensors are never read either."""
     from conftest import make_image
 
     from safevlm.compat import quiet_loading

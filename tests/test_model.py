@@ -262,7 +262,7 @@ def test_unsupported_base_family_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
-    with pytest.raises(ValueError, match="unsupported base model family 'llama'; supported: llava"):
+    with pytest.raises(ValueError, match="unsupported base model family 'llama'; supported: gemma3, llava, llava_next"):
         SafeVLM(lm)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from safevlm.config import SafetyConfig
 
 # Published LLaVA-1.5 architectures (llava-hf/llava-1.5-{7,13}b-hf): CLIP ViT-L/14 at 336 px,
@@ -108,6 +110,52 @@ def _qwen2_5_vl_7b():
     return Qwen2_5_VLConfig.from_dict(dict(QWEN2_5_VL_7B_INSTRUCT))
 
 
+# google/gemma-3-4b-it's config.json (huggingface.co/google/gemma-3-4b-it/blob/main/config.json), typed in
+# as the hub's file is (it names few text fields: transformers' Gemma3TextConfig defaults fill the rest,
+# 8 heads, 4 KV heads, head_dim 256, a 262208-token vocabulary); both lines read it with from_dict.
+# SigLIP 27 x 1152 at 896 px (patch 14: 64 x 64 features, pooled to 256 image tokens), Gemma 3 LM
+# 34 x 2560, local layers with a 1024-token window, the LM head tied to the token embeddings
+# (one tensor, counted once). Published: 4,300,079,472 parameters (the release's safetensors metadata).
+GEMMA_3_4B_IT = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+    "boi_token_index": 255999, "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+    "initializer_range": 0.02, "mm_tokens_per_image": 256, "torch_dtype": "bfloat16",
+    "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024,
+    },
+    "vision_config": {
+        "hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+        "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False,
+    },
+}
+
+# google/gemma-3-12b-it's config.json: the same vision tower and layout, an LM of 48 x 3840
+# (16 heads, 8 KV heads). Published: 12,187,325,040 parameters (the release's safetensors metadata).
+GEMMA_3_12B_IT = {
+    **GEMMA_3_4B_IT,
+    "text_config": {
+        "hidden_size": 3840, "intermediate_size": 15360, "model_type": "gemma3_text", "num_hidden_layers": 48,
+        "num_attention_heads": 16, "num_key_value_heads": 8,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024,
+    },
+}
+
+
+def _gemma3(config: dict):
+    from transformers import Gemma3Config
+
+    return Gemma3Config.from_dict(json.loads(json.dumps(config)))  # a deep copy: from_dict may edit nested dicts
+
+
+def _gemma_3_4b_it():
+    return _gemma3(GEMMA_3_4B_IT)
+
+
+def _gemma_3_12b_it():
+    return _gemma3(GEMMA_3_12B_IT)
+
+
 # Other families' 7B-class releases (sources: each release's config.json on the Hugging Face hub,
 # as quoted in the builders' docstrings and above the Qwen config dicts), by the name
 # `safevlm params --base` takes.
@@ -116,6 +164,9 @@ RELEASES = {
     "llava-onevision-qwen2-7b-ov": _llava_onevision_qwen2_7b,
     "qwen2-vl-7b-instruct": _qwen2_vl_7b,
     "qwen2.5-vl-7b-instruct": _qwen2_5_vl_7b,
+    # Gemma 3 has no 7B: its 4B is the nearest, the 12B the next
+    "gemma-3-4b-it": _gemma_3_4b_it,
+    "gemma-3-12b-it": _gemma_3_12b_it,
 }
 
 

@@ -87,6 +87,34 @@ def mrope_position_ids(model, input_ids, image_grid_thw, attention_mask, image_t
                                 **mm_token_type_inputs(input_ids, image_token_id))[0]
 
 
+@contextlib.contextmanager
+def embeds_generation(model):
+    """For the ``with`` block, let ``model.generate(inputs_embeds=...)`` run where the model's
+    ``prepare_inputs_for_generation`` forwards ``inputs_embeds`` only through ``**kwargs``.
+
+    ``generate`` decides whether a model can start from embeddings by looking for a parameter
+    named ``inputs_embeds`` in that method's signature. 5.x's ``Gemma3ForConditionalGeneration``
+    takes ``(input_ids, use_cache, is_first_iteration, **kwargs)`` and passes the embeddings on to
+    the generic method, which uses them, yet ``generate`` refuses them ("doesn't have its
+    forwarding implemented"); 4.57's names the parameter. The model (the base inside a peft model)
+    gets, for the block only, a wrapper of its own method that names it; nothing changes where
+    the signature already does."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prepare = inner.prepare_inputs_for_generation
+    if "inputs_embeds" in inspect.signature(prepare).parameters:
+        yield
+        return
+
+    def prepare_inputs_for_generation(input_ids, inputs_embeds=None, **kwargs):
+        return prepare(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    inner.prepare_inputs_for_generation = prepare_inputs_for_generation
+    try:
+        yield
+    finally:
+        del inner.prepare_inputs_for_generation
+
+
 # Warnings that transformers or peft raise from inside their own calls while we load a model;
 # nothing on our side can avoid them. 5.x: peft reads the deprecated `is_gradient_checkpointing`
 # whenever it wraps a model (PeftModel.from_pretrained, get_peft_model).
@@ -117,6 +145,7 @@ __all__ = [
     "TRANSFORMERS_MAJOR",
     "TRANSFORMERS_VERSION",
     "clip_image_processor_class",
+    "embeds_generation",
     "mm_token_type_inputs",
     "mrope_position_ids",
     "pil_image_processor_class",

@@ -184,6 +184,13 @@ class SafeVLM(nn.Module):
             return None
         return self.encode_images(pixel_values, **(image_inputs or {}))
 
+    @staticmethod
+    def _check_one_image_per_sample(n_images: int, n_samples: int) -> None:
+        if n_images != n_samples:
+            raise ValueError(
+                f"the safety head needs exactly one image per sample; got {n_images} images for {n_samples} samples"
+            )
+
     def _check_images(self, input_ids, vision_features):
         image_mask = input_ids == self.config.image_token_id
         n_tokens = int(image_mask.sum())
@@ -196,10 +203,7 @@ class SafeVLM(nn.Module):
             raise ValueError(
                 f"got {n_per_image} vision features per image but the base gives {self.config.num_image_features}"
             )
-        if n_images != input_ids.shape[0]:
-            raise ValueError(
-                f"the safety head needs exactly one image per sample; got {n_images} images for {input_ids.shape[0]} samples"
-            )
+        self._check_one_image_per_sample(n_images, input_ids.shape[0])
         per_sample = image_mask.sum(dim=1)
         expected = self.backbone.image_token_counts(vision_features).to(per_sample.device)
         if bool((per_sample != expected).any()):
@@ -242,6 +246,8 @@ class SafeVLM(nn.Module):
         return out, vision.mask
 
     def _head(self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, prompt_mask=None):
+        if vision_features is not None:  # before the head pairs images with prompts (pan-and-scan crops are more images)
+            self._check_one_image_per_sample(vision_features.shape[0], input_ids.shape[0])
         safety_features, safety_mask = (None, None) if vision_features is None else self.safety_features(vision_features)
         if token_embeds is None and self.config.head_use_prompt:
             token_embeds = self.backbone.embed_tokens(input_ids)

@@ -39,6 +39,20 @@ chat format:
   without the video processor (images are processed by the family's own code), which
   ``AutoProcessor`` loads once :func:`register_image_only_processors` ran (``safevlm``'s loader
   does that).
+* ``gemma3``: a SigLIP tower at twice the preset's grid resolution (patches of half the preset's
+  patch size: 8 x 8 = 64 features for ``test``, 14 x 14 = 196 for ``default``), whose grid the
+  base projector average-pools 2 x 2 to the preset's (image_size / patch_size)^2 image tokens
+  (16 / 49), as gemma-3-4b-it pools 64 x 64 to 256; a Gemma 3 LM (local sliding-window and
+  global layers, one of each; the window half an image block long, so it cuts through the
+  bidirectional image block; embedding scaled by sqrt(hidden); tied LM head), a
+  ``Gemma3Processor`` (``Gemma3ImageProcessor``, pan-and-scan off) whose tokenizer names
+  ``<start_of_image>`` / ``<image_soft_token>`` / ``<end_of_image>`` as its ``boi_token`` /
+  ``image_token`` / ``eoi_token``, and the release's chat template
+  (``<start_of_turn>user ... <end_of_turn>``, the system text before the first user turn's,
+  ``<start_of_image>`` per image), except that BOS is left to the tokenizer (the release's
+  template writes it, so ``processor(text=apply_chat_template(...))`` there starts with two).
+  The projector's output matrix, which Gemma 3 initialises to zero, is drawn at random like the
+  other weights, so that images reach the LM.
 """
 
 from __future__ import annotations
@@ -50,7 +64,7 @@ from pathlib import Path
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Qwen2-VL special tokens (the releases' names); the image placeholder is <|image_pad|>
 QWEN_SPECIAL_TOKENS = (
@@ -107,6 +121,35 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{{ texts | join(' ') }}{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma 3's special tokens (the release's names); <start_of_image> is what the template writes for
+# an image, <image_soft_token> fills the image's positions (Gemma3Config.image_token_index)
+GEMMA3_SPECIAL_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+GEMMA3_NAMED_TOKENS = (("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
+                       ("image_token", "<image_soft_token>"))
+# gemma-3-4b-it's template (the system text opens the first user turn, "model" is the assistant's
+# role, <start_of_image> per image) without its leading {{ bos_token }}: the tokenizer adds BOS
+GEMMA3_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
 # A small English corpus so the tokenizer has sensible merges; the synthetic safety data's
@@ -168,13 +211,17 @@ def _corpus(extra: tuple[str, ...] = ()) -> list[str]:
 @functools.lru_cache(maxsize=8)
 def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = (), extra_special: tuple[str, ...] = (),
                     eos_token: str = "</s>", chat_template: str = CHAT_TEMPLATE, bos_token: str | None = "<s>",
-                    tokenizer_class: str = "PreTrainedTokenizerFast"):
+                    tokenizer_class: str = "PreTrainedTokenizerFast",
+                    named_special: tuple[tuple[str, str], ...] = ()):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus (deterministic).
 
     ``extra_special``: more special tokens after the default ones (a family's ``<video>``,
     ``<|im_start|>``...); ``eos_token`` one of them or ``</s>``; ``chat_template`` the tokenizer's;
     ``bos_token`` None for a family without BOS (Qwen); ``tokenizer_class`` the transformers fast
-    tokenizer class around the trained tokenizer (a family's processor may insist on its own)."""
+    tokenizer class around the trained tokenizer (a family's processor may insist on its own);
+    ``named_special``: (attribute, token) pairs the tokenizer exposes by name (Gemma 3's
+    processor reads ``tokenizer.image_token`` / ``boi_token`` / ``eoi_token``), saved in its
+    config as ``extra_special_tokens``."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -203,6 +250,7 @@ def build_tokenizer(vocab_size: int = 2048, extra_texts: tuple[str, ...] = (), e
         model_input_names=["input_ids", "attention_mask"],
         padding_side="left",
         chat_template=chat_template,
+        **({"extra_special_tokens": dict(named_special)} if named_special else {}),
     )
 
 
@@ -309,6 +357,9 @@ def _family_tokenizer(family: str, p: TinyPreset):
                                tokenizer_class="Qwen2TokenizerFast")
     if family == "llava_next":
         return build_tokenizer(p.vocab_size, chat_template=LLAVA_NEXT_CHAT_TEMPLATE)
+    if family == "gemma3":
+        return build_tokenizer(p.vocab_size, extra_special=GEMMA3_SPECIAL_TOKENS, eos_token="<end_of_turn>",
+                               chat_template=GEMMA3_CHAT_TEMPLATE, named_special=GEMMA3_NAMED_TOKENS)
     return build_tokenizer(p.vocab_size, extra_special=(VIDEO_TOKEN, "<|im_start|>", "<|im_end|>"),
                            eos_token="<|im_end|>", chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
 
@@ -395,6 +446,12 @@ def build_family_processor(family: str, preset: str = "test", tokenizer=None):
     if family in QWEN_FAMILIES:
         return _qwen_processor(family, p, tokenizer)
     s = p.image_size
+    if family == "gemma3":
+        image_processor = pil_image_processor_class("Gemma3ImageProcessor")(
+            size={"height": s, "width": s}, do_pan_and_scan=False,
+        )
+        return transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                            chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=gemma3_image_tokens(p))
     if family == "llava_next":
         image_processor = pil_image_processor_class("LlavaNextImageProcessor")(
             size={"shortest_edge": s}, crop_size={"height": s, "width": s},
@@ -460,6 +517,8 @@ def build_family_config(family: str, preset: str = "test", tokenizer=None):
         )
     elif family in QWEN_FAMILIES:
         config = _qwen_config(family, p, tokenizer)
+    elif family == "gemma3":
+        config = _gemma3_config(p, tokenizer)
     else:
         raise ValueError(f"unknown tiny family {family!r}; allowed: {', '.join(FAMILIES)}")
     config.pad_token_id = tokenizer.pad_token_id
@@ -498,6 +557,44 @@ def _qwen_config(family: str, p: TinyPreset, tokenizer):
     return config_class.from_dict(config)
 
 
+def gemma3_image_tokens(p: TinyPreset) -> int:
+    """Image tokens per image of a tiny Gemma 3 (``mm_tokens_per_image``): the preset's
+    (image_size / patch_size)^2, pooled 2 x 2 from the SigLIP grid at half the patch size."""
+    return (p.image_size // p.patch_size) ** 2
+
+
+def _gemma3_config(p: TinyPreset, tokenizer):
+    """A tiny ``Gemma3Config``, written as gemma-3-4b-it's config.json is (linear RoPE scaling of
+    the global layers, factor 8; tied LM head) and read with ``from_dict``, as the hub's files are."""
+    import transformers
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
+        ("image_token_index", "<image_soft_token>"))}
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    head_dim = p.text_hidden // p.text_heads
+    text = {
+        "model_type": "gemma3_text", "vocab_size": len(tokenizer), "hidden_size": p.text_hidden,
+        "intermediate_size": p.text_intermediate, "num_hidden_layers": p.text_layers,
+        "num_attention_heads": p.text_heads, "num_key_value_heads": max(1, p.text_heads // 2), "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim, "max_position_embeddings": p.max_position_embeddings,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        # local (sliding) and global layers alternate; the window is half an image block
+        "sliding_window": max(2, gemma3_image_tokens(p) // 2),
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(p.text_layers)],
+        "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, **special,
+    }
+    vision = {"model_type": "siglip_vision_model", "hidden_size": p.vision_hidden,
+              "intermediate_size": 4 * p.vision_hidden, "num_hidden_layers": p.vision_layers,
+              "num_attention_heads": p.vision_heads, "image_size": p.image_size,
+              "patch_size": p.patch_size // 2, "vision_use_head": False}
+    config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+              "mm_tokens_per_image": gemma3_image_tokens(p), "initializer_range": 0.02, **ids, **special,
+              "text_config": text, "vision_config": vision}
+    return transformers.Gemma3Config.from_dict(config)
+
+
 def build_tiny(preset: str = "test", seed: int = 0):
     """Build (model, processor) for a preset (``test``, ``default``, or a family's, e.g.
     ``llava_next_test``); the model's weights are random from ``seed``."""
@@ -514,6 +611,9 @@ def build_tiny(preset: str = "test", seed: int = 0):
         config = build_family_config(family, size, processor.tokenizer)
     torch.manual_seed(seed)
     model = BACKBONE_FAMILIES[family].model_class()(config)
+    if family == "gemma3":  # Gemma 3 starts its projector's output matrix at zero: images would not reach the LM
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
@@ -538,6 +638,7 @@ def save_tiny(out_dir: str | Path, preset: str = "default", seed: int = 0) -> Pa
 __all__ = [
     "CHAT_TEMPLATE",
     "FAMILIES",
+    "GEMMA3_CHAT_TEMPLATE",
     "IMAGE_TOKEN",
     "LLAVA_NEXT_CHAT_TEMPLATE",
     "LLAVA_ONEVISION_CHAT_TEMPLATE",
@@ -551,6 +652,7 @@ __all__ = [
     "build_processor",
     "build_tiny",
     "build_tokenizer",
+    "gemma3_image_tokens",
     "grid_pinpoints",
     "image_only_processor_class",
     "preset_name",

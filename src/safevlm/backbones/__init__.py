@@ -12,19 +12,23 @@ from safevlm.backbones.base import (
     PREFIX_TOKEN_ID,
     Backbone,
     ImageInputs,
+    ImagePrompt,
     Positions,
     VisionFeatures,
     causal_lm_loss,
+    image_prompt,
     position_ids_from_mask,
     process_images,
 )
+from safevlm.backbones.gemma3 import Gemma3Backbone
 from safevlm.backbones.llava import LlavaBackbone
 from safevlm.backbones.llava_next import LlavaNextBackbone, LlavaOnevisionBackbone
 from safevlm.backbones.qwen2_vl import Qwen2_5_VLBackbone, Qwen2VLBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
     cls.family: cls
-    for cls in (LlavaBackbone, LlavaNextBackbone, LlavaOnevisionBackbone, Qwen2VLBackbone, Qwen2_5_VLBackbone)
+    for cls in (LlavaBackbone, LlavaNextBackbone, LlavaOnevisionBackbone, Qwen2VLBackbone, Qwen2_5_VLBackbone,
+                Gemma3Backbone)
 }
 BACKBONES: dict[str, type[Backbone]] = {
     model_type: cls for cls in FAMILIES.values() for model_type in cls.model_types
@@ -65,7 +69,9 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "FAMILIES",
+    "Gemma3Backbone",
     "ImageInputs",
+    "ImagePrompt",
     "LlavaBackbone",
     "LlavaNextBackbone",
     "LlavaOnevisionBackbone",
@@ -78,6 +84,7 @@ __all__ = [
     "family_of",
     "get_backbone",
     "get_backbone_class",
+    "image_prompt",
     "position_ids_from_mask",
     "process_images",
 ]

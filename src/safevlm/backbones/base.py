@@ -34,8 +34,9 @@ How each hook must behave
 ``prefix_anchor(input_ids, image_mask, attention_mask)``
     (B,) index where each sample's P prefix tokens are inserted: by default the first image
     token (the first attended token without an image). A family whose image is wrapped in
-    start/end markers that its position scheme reads (Qwen2-VL's ``<|vision_start|>``) must
-    anchor before the marker, so that the image block stays contiguous.
+    start/end markers (Qwen2-VL's ``<|vision_start|>``, which its M-RoPE reads; Gemma 3's
+    ``<start_of_image>``) names the opening marker's config field in ``image_start_token``
+    and the anchor goes before the marker, so that the image block stays whole.
 ``positions(llm_input_ids, attention_mask, vision)``
     :class:`Positions` for the LLM input *after* the prefix tokens were inserted.
     ``llm_input_ids`` (B, L+P) holds the prompt's ids with :data:`PREFIX_TOKEN_ID` (-1, never a
@@ -44,9 +45,12 @@ How each hook must behave
     ``image_grid_thw``) counts the prefix tokens as text. Default: 1-D positions counted over
     attended tokens, (B, L+P), no rope deltas. M-RoPE returns position_ids (3, B, L+P) and
     ``rope_deltas`` (B, 1) = max position + 1 - sequence length, which decoding steps add to
-    ``cache_position``.
+    ``cache_position``. A family whose attention mask reads the image layout (Gemma 3: the
+    tokens of one image attend to each other both ways) also returns ``token_type_ids``
+    (B, L+P), 1 at the image tokens (the prefix tokens are text).
 ``language_forward(inputs_embeds, attention_mask, positions)``
-    Decoder + LM head on embeddings -> logits (B, L+P, vocab).
+    Decoder + LM head on embeddings -> logits (B, L+P, vocab), with the base's own attention
+    mask for the layout ``positions`` describe.
 ``generate(model, inputs_embeds, attention_mask, positions, **kwargs)``
     KV-cache generation from embeddings; returns the new tokens only (B, T_new). It must
     continue the positions exactly as a no-cache forward over the growing sequence would
@@ -57,7 +61,14 @@ How each hook must behave
 ``base_text_inputs(input_ids)``
     What the base's *own* ``forward`` / ``generate`` reads beside ``input_ids`` and
     ``attention_mask`` when a prompt was tokenised without the processor (evaluation of the
-    plain base): none by default; Qwen2-VL on transformers 5.x reads ``mm_token_type_ids``.
+    plain base): none by default; Qwen2-VL on transformers 5.x reads ``mm_token_type_ids``,
+    Gemma 3 ``token_type_ids``.
+
+How a prompt holds an image (:func:`image_prompt`): the chat template writes one placeholder
+per image and the processor expands it to the image's tokens; usually the placeholder is the
+image token itself, repeated (``<image>``, ``<|image_pad|>``), but Gemma 3's template writes
+``<start_of_image>``, which its processor turns into a whole block,
+``\n\n<start_of_image>`` + N x ``<image_soft_token>`` + ``<end_of_image>\n\n``.
 
 One image per sample stays the rule for the safety head: every family here gives one
 :class:`VisionFeatures` row per image, and a sample reads the row of its own image.
@@ -192,10 +203,13 @@ class VisionFeatures:
 @dataclass
 class Positions:
     """Position ids of the LLM input: ``position_ids`` (B, L) for 1-D RoPE families, (3, B, L)
-    for M-RoPE (Qwen2-VL); ``rope_deltas`` (B, 1) for M-RoPE, else None."""
+    for M-RoPE (Qwen2-VL); ``rope_deltas`` (B, 1) for M-RoPE, else None; ``token_type_ids``
+    (B, L) long, 1 at image tokens, where the base's attention mask reads the image layout
+    (Gemma 3: bidirectional within each image's block), else None."""
 
     position_ids: torch.Tensor
     rope_deltas: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -239,24 +253,79 @@ class ImageInputs:
                            [self.num_tokens[r] for r in rows])
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """How a family's processor writes one image into a prompt's text.
+
+    ``placeholder``: what the chat template writes for an image part and the processor expands;
+    ``token``: the token that fills the image's positions in ``input_ids`` (the config's
+    ``image_token_id``); one placeholder becomes ``before + token * n + after`` for an image of
+    n tokens. LLaVA / Qwen2-VL: placeholder = token (``<image>``, ``<|image_pad|>``), nothing
+    around it; Gemma 3: placeholder ``<start_of_image>``, token ``<image_soft_token>``, before
+    ``\n\n<start_of_image>``, after ``<end_of_image>\n\n``."""
+
+    placeholder: str
+    token: str
+    before: str = ""
+    after: str = ""
+
+    def expand(self, num_tokens: int) -> str:
+        """What one placeholder becomes for an image of ``num_tokens`` tokens."""
+        return self.before + self.token * num_tokens + self.after
+
+
+def image_prompt(processor) -> ImagePrompt:
+    """The :class:`ImagePrompt` of a processor, read off the processor itself: a processor that
+    expands a begin-of-image token into a whole block (``boi_token`` and
+    ``full_image_sequence``, with the tokenizer's ``image_token`` repeated ``image_seq_length``
+    times inside: Gemma 3, on both transformers lines) gives that block's rule; any other its
+    ``image_token`` (``<image>`` by default), repeated."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    boi = getattr(processor, "boi_token", None)
+    block = getattr(processor, "full_image_sequence", None)
+    token = getattr(tokenizer, "image_token", None)
+    length = getattr(processor, "image_seq_length", None)
+    if boi and block and token and length and token * length in block:
+        before, after = block.split(token * length, 1)
+        return ImagePrompt(boi, token, before, after)
+    token = getattr(processor, "image_token", None) or "<image>"
+    return ImagePrompt(token, token)
+
+
+def _refuse_crops(processor) -> None:
+    """One image per sample: refuse an image processor that cuts each image into several crops
+    (Gemma 3's pan-and-scan), whose crops the base reads as extra images."""
+    image_processor = getattr(processor, "image_processor", processor)
+    if getattr(image_processor, "do_pan_and_scan", None):
+        raise ValueError(
+            f"{type(image_processor).__name__} has do_pan_and_scan=true (preprocessor_config.json): it cuts each "
+            "image into several crops that the base reads as extra images, but the safety head reads one image per "
+            "sample; set do_pan_and_scan to false"
+        )
+
+
 def process_images(processor, images: list, num_image_tokens: int | None = None) -> ImageInputs:
-    """Run the family's processor on ``images`` (one ``<image>`` each) and read off the pixel
-    tensors and how many image tokens it expands each image to: the processor's own rule, for
-    any family (fixed grids, anyres tiles, dynamic resolution).
+    """Run the family's processor on ``images`` (one placeholder each, :func:`image_prompt`)
+    and read off the pixel tensors and how many image tokens it expands each image to: the
+    processor's own rule, for any family (fixed grids, anyres tiles, dynamic resolution).
 
     ``num_image_tokens``: every image's count where the family's is fixed (LLaVA-1.5's N, see
     :attr:`Backbone.fixed_image_tokens`); then only the image processor runs, since the text
-    side would only repeat that number (:meth:`Backbone.image_inputs` passes it)."""
+    side would only repeat that number (:meth:`Backbone.image_inputs` passes it).
+    An image processor that cuts images into several crops (pan-and-scan) is refused."""
     images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
     if not images:
         raise ValueError("process_images needs at least one image")
+    _refuse_crops(processor)
     if num_image_tokens is not None:
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return ImageInputs({"pixel_values": pixel_values}, [int(num_image_tokens)] * len(images))
     tokenizer = processor.tokenizer
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-    out = processor(text=[image_token] * len(images), images=images, return_tensors="pt", padding=True)
+    prompt = image_prompt(processor)
+    image_token_id = tokenizer.convert_tokens_to_ids(prompt.token)
+    # one list of images per prompt, as every family's processor reads it (Gemma 3's reads a flat list as one prompt's)
+    out = processor(text=[prompt.placeholder] * len(images), images=[[im] for im in images], return_tensors="pt",
+                    padding=True)
     counts = (out["input_ids"] == image_token_id).sum(dim=1).tolist()
     tensors = {k: v for k, v in out.items() if k not in TEXT_INPUT_KEYS and isinstance(v, torch.Tensor)}
     return ImageInputs(tensors, [int(c) for c in counts])
@@ -275,7 +344,9 @@ class Backbone:
     * ``variable_image_features``: whether images give different numbers of features;
     * ``fingerprint_tensors``: checkpoint-key suffixes a base fingerprint samples (none a LoRA
       target, so a merged model keeps its fingerprint);
-    * ``lora_target_modules``: the language model's linear layers (what ``all-linear`` LoRA wraps).
+    * ``lora_target_modules``: the language model's linear layers (what ``all-linear`` LoRA wraps);
+    * ``image_start_token``: the config field of the token that opens each image block, where
+      the prefix tokens go (None: they go right before the first image token).
     """
 
     family: ClassVar[str] = ""
@@ -287,6 +358,7 @@ class Backbone:
     lora_target_modules: ClassVar[tuple[str, ...]] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
+    image_start_token: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
         if not hasattr(model, "model") or not hasattr(model, "lm_head"):
@@ -389,9 +461,17 @@ class Backbone:
 
     # -- prefix tokens and positions -------------------------------------------------------------
     def prefix_anchor(self, input_ids, image_mask, attention_mask) -> torch.LongTensor:
-        """(B,) where the prefix tokens go: the first image token, else the first attended token."""
+        """(B,) where the prefix tokens go: the first image token (before the token that opens
+        its block, where the family names one in ``image_start_token``), else the first
+        attended token."""
         has_image = image_mask.any(dim=1)
-        return torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
+        anchor = torch.where(has_image, image_mask.int().argmax(dim=1), attention_mask.int().argmax(dim=1))
+        if self.image_start_token is None:
+            return anchor
+        before = (anchor - 1).clamp(min=0)
+        opens = has_image & (anchor > 0)
+        opens &= input_ids.gather(1, before[:, None])[:, 0] == getattr(self.config, self.image_start_token)
+        return torch.where(opens, before, anchor)
 
     def positions(self, llm_input_ids, attention_mask, vision=None) -> Positions:
         """1-D positions counted over attended tokens (B, L+P): left padding shifts nothing."""
@@ -422,10 +502,12 @@ __all__ = [
     "Backbone",
     "IGNORE_INDEX",
     "ImageInputs",
+    "ImagePrompt",
     "PREFIX_TOKEN_ID",
     "Positions",
     "VisionFeatures",
     "causal_lm_loss",
+    "image_prompt",
     "position_ids_from_mask",
     "process_images",
 ]

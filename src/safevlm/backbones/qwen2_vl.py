@@ -44,6 +44,8 @@ class Qwen2VLBackbone(Backbone):
     # hub layout `model.embed_tokens` / `visual.*`, in memory `model.language_model.*` / `model.visual.*`
     fingerprint_tensors = ("embed_tokens.weight", "patch_embed.proj.weight", "merger.mlp.0.weight")
     vision_width_key = "embed_dim"  # the vision config field of the patch features' width Dv
+    # the prefix tokens go before <|vision_start|>, so that M-RoPE still finds the image right after it
+    image_start_token = "vision_start_token_id"
 
     @classmethod
     def config_facts(cls, config) -> dict:
@@ -132,15 +134,6 @@ class Qwen2VLBackbone(Backbone):
         return mm_token_type_inputs(input_ids, self.config.image_token_id)
 
     # -- prefix tokens and positions -------------------------------------------------------------
-    def prefix_anchor(self, input_ids, image_mask, attention_mask) -> torch.LongTensor:
-        """Before ``<|vision_start|>`` when it opens the image (so M-RoPE still finds the image
-        right after it), else the first image token, else the first attended token."""
-        anchor = super().prefix_anchor(input_ids, image_mask, attention_mask)
-        before = (anchor - 1).clamp(min=0)
-        opens = image_mask.any(dim=1) & (anchor > 0)
-        opens &= input_ids.gather(1, before[:, None])[:, 0] == self.config.vision_start_token_id
-        return torch.where(opens, before, anchor)
-
     def positions(self, llm_input_ids, attention_mask, vision=None) -> Positions:
         """M-RoPE positions (3, B, L+P) by the base's own ``get_rope_index`` over ``llm_input_ids``
         (the prefix tokens' ``PREFIX_TOKEN_ID`` -1 counts as text) and ``rope_deltas`` (B, 1) =

@@ -16,9 +16,10 @@ def register(subparsers) -> None:
     build.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     build.add_argument("--preset", default="default", choices=["default", "test"], help="Model size preset.")
     build.add_argument("--family", default="llava",
-                       choices=["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"],
+                       choices=["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3"],
                        help="Model family: llava (LLaVA-1.5), llava_next (LLaVA-NeXT / 1.6), llava_onevision, "
-                       "qwen2_vl (Qwen2-VL) or qwen2_5_vl (Qwen2.5-VL); each with its own processor and chat format.")
+                       "qwen2_vl (Qwen2-VL), qwen2_5_vl (Qwen2.5-VL) or gemma3 (Gemma 3); each with its own "
+                       "processor and chat format.")
     build.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists and is not empty.")
     build.set_defaults(func=command_build)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

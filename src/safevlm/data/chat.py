@@ -8,8 +8,9 @@ tokens here, so the language model and the safety head read the same tokens in b
 * :func:`render_chat` — the messages through the processor's chat template, with the
   character span of every assistant turn (EOS appended where the template does not end
   assistant turns with it, as in LLaVA's own training data);
-* :func:`expand_image_tokens` — each image placeholder repeated to the number of image
-  features, exactly as ``LlavaProcessor`` does (a string replace);
+* :func:`expand_image_tokens` — each image placeholder expanded to the image's tokens, exactly
+  as the processor does (a string replace: ``LlavaProcessor`` repeats ``<image>``, Gemma 3's
+  processor writes a block around its image tokens; :func:`safevlm.backbones.image_prompt`);
 * :func:`encode_chat` — the three above, tokenised once with offsets: token ids, the
   assistant turn each token belongs to, and the **prompt mask**: the tokens the head reads.
 
@@ -180,23 +181,28 @@ def render_chat(
     return ChatText(full, spans)
 
 
-def expand_image_tokens(chat: ChatText, image_token: str, num_image_tokens: int) -> ChatText:
-    """``chat`` with each ``image_token`` repeated ``num_image_tokens`` times (as
-    ``LlavaProcessor`` does) and the assistant spans shifted to match."""
+def expand_image_tokens(
+    chat: ChatText, image_token: str, num_image_tokens: int, expanded: str | None = None
+) -> ChatText:
+    """``chat`` with each placeholder ``image_token`` replaced by ``expanded`` (default: the
+    token repeated ``num_image_tokens`` times, as ``LlavaProcessor`` does; Gemma 3: the block
+    ``ImagePrompt.expand`` gives) and the assistant spans shifted to match."""
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
-    if num_image_tokens == 1 or image_token not in chat.text:
+    if expanded is None:
+        expanded = image_token * num_image_tokens
+    if expanded == image_token or image_token not in chat.text:
         return chat
     positions, start = [], chat.text.find(image_token)
     while start != -1:
         positions.append(start)
         start = chat.text.find(image_token, start + len(image_token))
-    grow = len(image_token) * (num_image_tokens - 1)
+    grow = len(expanded) - len(image_token)
 
     def shift(at: int) -> int:
         return at + grow * sum(p < at for p in positions)
 
-    text = chat.text.replace(image_token, image_token * num_image_tokens)
+    text = chat.text.replace(image_token, expanded)
     return ChatText(text, [(shift(s), shift(e)) for s, e in chat.assistant_spans])
 
 
@@ -216,8 +222,11 @@ class EncodedChat:
 
 
 def image_token_of(processor) -> str:
-    """The processor's image placeholder (``<image>`` for LLaVA)."""
-    return getattr(processor, "image_token", None) or DEFAULT_IMAGE_TOKEN
+    """The token that fills an image's positions in ``input_ids`` (``<image>`` for LLaVA,
+    ``<image_soft_token>`` for Gemma 3): :func:`safevlm.backbones.image_prompt`."""
+    from safevlm.backbones import image_prompt
+
+    return image_prompt(processor).token
 
 
 def encode_chat(
@@ -228,14 +237,17 @@ def encode_chat(
     name: str = "the conversation",
 ) -> EncodedChat:
     """Render (:func:`render_chat`), expand the image placeholder to ``num_image_tokens``
-    (:func:`expand_image_tokens`) and tokenise once; BOS is added unless the template writes it.
+    (:func:`expand_image_tokens`, by the processor's own rule: :func:`safevlm.backbones.image_prompt`)
+    and tokenise once; BOS is added unless the template writes it.
 
     Conversations with assistant turns need a fast tokenizer (offsets locate the turns).
     """
+    from safevlm.backbones import image_prompt
+
     tokenizer = processor.tokenizer
-    image_token = image_token_of(processor)
-    chat = expand_image_tokens(render_chat(processor, messages, add_generation_prompt, name), image_token,
-                               num_image_tokens)
+    prompt = image_prompt(processor)
+    chat = expand_image_tokens(render_chat(processor, messages, add_generation_prompt, name), prompt.placeholder,
+                               num_image_tokens, prompt.expand(num_image_tokens))
     bos = tokenizer.bos_token
     add_special = not (bos and chat.text.startswith(bos))
     spans = chat.assistant_spans
@@ -248,7 +260,7 @@ def encode_chat(
         for k, (start, end) in enumerate(encoding["offset_mapping"]):
             if end > start:
                 turn_of[k] = next((t for t, (s, e) in enumerate(spans) if s <= start < e), -1)
-    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    image_token_id = tokenizer.convert_tokens_to_ids(prompt.token)
     prompt_mask = [t == -1 and i != image_token_id for t, i in zip(turn_of, input_ids)]
     return EncodedChat(input_ids, turn_of, prompt_mask)
 
