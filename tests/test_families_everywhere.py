@@ -343,6 +343,11 @@ def test_cached_batches_equal_the_vision_pass_and_the_plain_collator(tmp_path, t
     torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.lm_loss, a.lm_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.type_logits, a.type_logits, atol=1e-5, rtol=1e-5)
+    # what training computes: no logits, the LM head at the supervised tokens only, the same loss
+    with torch.no_grad():
+        t = model(**full, return_logits=False)
+    assert t.logits is None and 0 < int((full["labels"] != -100).sum()) < full["labels"].numel() // 2
+    torch.testing.assert_close(t.lm_loss, a.lm_loss, atol=1e-5, rtol=1e-5)
     # without the LLM (stage 1): one placeholder per image, the same head output
     short = CachedFeatureCollator(plain, again, keys, 1)(records)
     with torch.no_grad():

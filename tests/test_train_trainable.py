@@ -87,6 +87,31 @@ def test_set_trainable_on_a_bare_base():
         - _numel(base.model.multi_modal_projector)
 
 
+def test_supervised_lm_loss_equals_the_full_logits_loss_and_its_gradients():
+    from safevlm.backbones import causal_lm_loss, supervised_lm_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13)
+    hidden = torch.randn(3, 9, 8, requires_grad=True)
+    labels = torch.full((3, 9), -100)
+    empty = supervised_lm_loss(hidden, labels, head)
+    assert empty.item() == 0.0 and empty.requires_grad  # still part of the graph
+    labels[0, 4:7] = torch.tensor([1, 2, 3])
+    labels[2, 8] = 12
+    labels[1, 0] = 5  # position 0 is never predicted: not counted by either
+    full = causal_lm_loss(head(hidden), labels)
+    full.backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    part = supervised_lm_loss(hidden, labels, head)
+    part.backward()
+    torch.testing.assert_close(part, full)
+    torch.testing.assert_close(hidden.grad, grads[0])
+    torch.testing.assert_close(head.weight.grad, grads[1])
+    with pytest.raises(ValueError, match=r"hidden states cover \(3, 9\) .* but labels \(3, 8\)"):
+        supervised_lm_loss(hidden, labels[:, :8], head)
+
+
 def test_causal_lm_loss_and_scatter_checks():
     from safevlm.backbones import causal_lm_loss, get_backbone
 
@@ -111,3 +136,36 @@ def test_causal_lm_loss_and_scatter_checks():
     with torch.no_grad():
         torch.testing.assert_close(out[0, 2:18], backbone.project_image_features(features)[0])
     assert torch.equal(out[0, :2], embeds[0, :2]) and torch.equal(out[0, 18:], embeds[0, 18:])
+
+
+@pytest.mark.parametrize("layers", [[-2], [-2, -3], [0, 2], [-1]])
+def test_vision_tower_stops_after_the_deepest_selected_layer_with_the_same_states_and_gradients(layers):
+    from safevlm.backbones import get_backbone
+    from safevlm.backbones.base import tower_hidden_states
+
+    tower = get_backbone(build_tiny("test", seed=0)[0]).vision_tower
+    blocks = tower.vision_model.encoder.layers if hasattr(tower, "vision_model") else tower.encoder.layers
+    calls = [0] * len(blocks)
+    for j, block in enumerate(blocks):
+        block.register_forward_hook(lambda *_, j=j: calls.__setitem__(j, calls[j] + 1))
+    pixels = torch.randn(3, 3, 16, 16)
+
+    outputs = tower(pixels, output_hidden_states=True)
+    expected = [outputs.hidden_states[i] for i in layers]
+    sum(h.square().sum() for h in expected).backward()
+    grads = [p.grad.clone() for p in tower.parameters() if p.grad is not None]
+    tower.zero_grad(set_to_none=True)
+    assert calls == [1] * len(blocks)
+
+    got = tower_hidden_states(tower, pixels, layers)
+    deepest = max(i % (len(blocks) + 1) for i in layers)
+    assert calls == [2] * deepest + [1] * (len(blocks) - deepest)  # the layers after the deepest never ran
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    sum(h.square().sum() for h in got).backward()
+    got_grads = [p.grad for p in tower.parameters() if p.grad is not None]
+    assert len(got_grads) == len(grads)
+    for a, b in zip(got_grads, grads):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="out of range for a vision tower of 2 layers"):
+        tower_hidden_states(tower, pixels, [-4])

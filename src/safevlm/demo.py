@@ -176,7 +176,7 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     here, so the base goes along with them (the typographic attack)."""
     import torch
 
-    from safevlm.backbones import causal_lm_loss, get_backbone
+    from safevlm.backbones import get_backbone
     from safevlm.data import SafetyRecord, Turn
     from safevlm.data.collator import SafetyCollator
     from safevlm.train.trainable import set_trainable
@@ -220,7 +220,7 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
             embeds = backbone.scatter_image_embeds(
                 backbone.embed_tokens(ids), ids == image_token_id, batch["vision_features"]
             )
-            loss = causal_lm_loss(backbone.language_forward(embeds, batch["attention_mask"]), batch["labels"])
+            loss = backbone.language_loss(embeds, batch["attention_mask"], None, batch["labels"])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -317,6 +317,7 @@ class SafeVLM(nn.Module):
         vision_features: torch.Tensor | None = None,
         compute_lm: bool = True,
         prompt_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
         **unused,
     ) -> SafeVLMOutput:
         """LM logits, risk logits and the loss components.
@@ -328,7 +329,9 @@ class SafeVLM(nn.Module):
         attention_mask (B, L), labels (B, L) with -100 for unsupervised tokens, risk_level (B,),
         risk_type (B,), prompt_mask (B, L) from the collator (the tokens the head reads; see
         :meth:`prompt_mask`). ``compute_lm=False`` skips the language model (no logits, no lm_loss):
-        the head alone, as stage-1 training without an LM loss needs.
+        the head alone, as stage-1 training without an LM loss needs. ``return_logits=False``
+        (what training passes) returns no LM logits: ``lm_loss`` is then computed with the LM
+        head at the supervised tokens only (the same value, less compute).
 
         Returns a :class:`SafeVLMOutput` with ``level_loss`` / ``type_loss`` when risk labels are
         given, ``lm_loss`` when ``labels`` are given and the LLM runs, and ``loss`` = their
@@ -358,9 +361,12 @@ class SafeVLM(nn.Module):
             llm = self.language_inputs(
                 input_ids, attention_mask, vision_features, labels, token_embeds, head.safety_state.detach()
             )
-            out.logits = self.backbone.language_forward(llm.inputs_embeds, llm.attention_mask, llm.positions)
-            if llm.labels is not None:
-                out.lm_loss = causal_lm_loss(out.logits, llm.labels)
+            if return_logits:
+                out.logits = self.backbone.language_forward(llm.inputs_embeds, llm.attention_mask, llm.positions)
+                if llm.labels is not None:
+                    out.lm_loss = causal_lm_loss(out.logits, llm.labels)
+            elif llm.labels is not None:
+                out.lm_loss = self.backbone.language_loss(llm.inputs_embeds, llm.attention_mask, llm.positions, llm.labels)
         parts = [x for x in (out.level_loss, out.type_loss, out.lm_loss) if x is not None]
         if parts:
             out.loss = sum(parts)

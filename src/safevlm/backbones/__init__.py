@@ -19,6 +19,7 @@ from safevlm.backbones.base import (
     image_prompt,
     position_ids_from_mask,
     process_images,
+    supervised_lm_loss,
 )
 from safevlm.backbones.gemma3 import Gemma3Backbone
 from safevlm.backbones.llava import LlavaBackbone
@@ -81,6 +82,7 @@ __all__ = [
     "Qwen2_5_VLBackbone",
     "VisionFeatures",
     "causal_lm_loss",
+    "supervised_lm_loss",
     "family_of",
     "get_backbone",
     "get_backbone_class",

@@ -76,6 +76,7 @@ One image per sample stays the rule for the safety head: every family here gives
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -104,6 +105,78 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tens
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+class _DeepEnough(Exception):
+    """Stops a vision tower once the deepest hidden state that is read has been computed."""
+
+
+def tower_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """``[tower(pixel_values, output_hidden_states=True).hidden_states[i] for i in layers]``, without
+    running the layers after the deepest selected one.
+
+    LLaVA reads the penultimate layer (``vision_feature_layer=-2``): the last encoder layer's
+    output is never used, yet the tower runs it. Here forward hooks on ``encoder.layers``
+    take the selected states as they are computed (``hidden_states[k]`` is the output of layer
+    k - 1, or the input of layer k) and stop the tower after the deepest one: the same tensors
+    (and the same gradients) for less compute. Only the calling thread is stopped (another
+    thread may run the same tower whole meanwhile). The tower's own forward hooks do not fire
+    (its forward does not return; pre-hooks do). Towers without ``encoder.layers``, with
+    gradient checkpointing or accelerate hooks, or in a distributed run run whole.
+    """
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    blocks = getattr(encoder, "layers", None)
+    # distributed wrappers gather and free weights around each module, accelerate's offload hooks
+    # move them back after it, checkpointed layers recompute under their own wrapper: all run whole
+    whole = (torch.distributed.is_available() and torch.distributed.is_initialized()) or getattr(
+        tower, "is_gradient_checkpointing", False) or hasattr(tower, "_hf_hook")
+    n = len(blocks) if isinstance(blocks, nn.ModuleList) else None
+    if n is not None and any(not -(n + 1) <= i <= n for i in layers):
+        raise ValueError(f"vision_feature_layer {layers} is out of range for a vision tower of {n} layers")
+    absolute = [i % (n + 1) for i in layers] if n else []
+    if n is None or whole or max(absolute) == n:
+        outputs = tower(pixel_values, output_hidden_states=True)
+        return [outputs.hidden_states[i] for i in layers]
+    depth, owner, taken = max(absolute), threading.get_ident(), {}
+
+    def make_hook(j):
+        def hook(module, args, output):
+            if threading.get_ident() != owner:
+                return
+            taken[j] = args[0] if args else None  # the input of layer j: hidden_states[j]
+            taken[j + 1] = output[0] if isinstance(output, tuple) else output
+            if j + 1 == depth:
+                raise _DeepEnough
+        return hook
+
+    handles = [blocks[j].register_forward_hook(make_hook(j)) for j in range(depth)]
+    try:
+        tower(pixel_values, output_hidden_states=True)
+    except _DeepEnough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(taken.get(k) is None for k in absolute):  # a layer called without positional input: run whole
+        outputs = tower(pixel_values, output_hidden_states=True)
+        return [outputs.hidden_states[i] for i in layers]
+    return [taken[k] for k in absolute]
+
+
+def supervised_lm_loss(hidden: torch.Tensor, labels: torch.LongTensor, lm_head: nn.Module) -> torch.Tensor:
+    """``causal_lm_loss(lm_head(hidden), labels)`` with the LM head run at the supervised positions only.
+
+    hidden (B, L, D) final decoder states, labels (B, L) -> the same scalar (float32): training
+    needs no other logits, and the head over the whole vocabulary at every prompt, image and
+    padding token is a large share of a small model's compute.
+    """
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden states cover {tuple(hidden.shape[:2])} (batch, tokens) but labels {tuple(labels.shape)}")
+    shift_labels = labels[:, 1:].to(hidden.device)
+    keep = shift_labels != IGNORE_INDEX
+    if not bool(keep.any()):
+        return lm_head(hidden[:, :1]).float().sum() * 0.0
+    return F.cross_entropy(lm_head(hidden[:, :-1][keep]).float(), shift_labels[keep])
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -428,9 +501,8 @@ class Backbone:
         config = self.config
         layer = config.vision_feature_layer
         dtype = next(self.vision_tower.parameters()).dtype
-        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         layers = [layer] if isinstance(layer, int) else list(layer)
-        hidden = [outputs.hidden_states[i] for i in layers]
+        hidden = tower_hidden_states(self.vision_tower, pixel_values.to(dtype), layers)
         if config.vision_feature_select_strategy == "default":
             hidden = [h[:, 1:] for h in hidden]
         return hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
@@ -484,13 +556,22 @@ class Backbone:
         ``positions``: a :class:`Positions`, a position-id tensor, or None for
         :meth:`positions` from the mask (left padding does not shift positions).
         """
+        return self.lm_head(self.language_hidden(inputs_embeds, attention_mask, positions, **kwargs))
+
+    def language_hidden(self, inputs_embeds, attention_mask, positions=None, **kwargs) -> torch.Tensor:
+        """The decoder alone on embeddings (B, L, D) -> final hidden states (B, L, D), before the LM head."""
         if positions is None:
             positions = self.positions(None, attention_mask)
         position_ids = positions.position_ids if isinstance(positions, Positions) else positions
         out = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
-        return self.lm_head(out[0])
+        return out[0]
+
+    def language_loss(self, inputs_embeds, attention_mask, positions, labels) -> torch.Tensor:
+        """The next-token loss of :meth:`language_forward` on ``labels`` (B, L), computing logits
+        only where a token is supervised (:func:`supervised_lm_loss`): what training calls."""
+        return supervised_lm_loss(self.language_hidden(inputs_embeds, attention_mask, positions), labels, self.lm_head)
 
     def generate(self, model, inputs_embeds, attention_mask, positions: Positions | None = None, **kwargs):
         """KV-cache generation from embeddings (the base's ``generate``; 1-D positions follow the
@@ -507,6 +588,7 @@ __all__ = [
     "Positions",
     "VisionFeatures",
     "causal_lm_loss",
+    "supervised_lm_loss",
     "image_prompt",
     "position_ids_from_mask",
     "process_images",

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from safevlm.backbones.base import Backbone, Positions, VisionFeatures, position_ids_from_mask
+from safevlm.backbones.base import Backbone, Positions, VisionFeatures, causal_lm_loss, position_ids_from_mask
 
 
 class Gemma3Backbone(Backbone):
@@ -123,14 +123,26 @@ class Gemma3Backbone(Backbone):
     def language_forward(self, inputs_embeds, attention_mask, positions=None, **kwargs) -> torch.Tensor:
         """The base's own forward from embeddings (its mask builder: causal, sliding window and
         the bidirectional image blocks of ``positions.token_type_ids``) -> logits (B, L, vocab)."""
+        return self._run(self.model, inputs_embeds, attention_mask, positions, **kwargs).logits
+
+    def language_hidden(self, inputs_embeds, attention_mask, positions=None, **kwargs) -> torch.Tensor:
+        """The base's decoder (``Gemma3Model``, same masks) -> final hidden states, before the LM head."""
+        return self._run(self.model.model, inputs_embeds, attention_mask, positions, **kwargs)[0]
+
+    def language_loss(self, inputs_embeds, attention_mask, positions, labels) -> torch.Tensor:
+        if getattr(self.config.get_text_config(), "final_logit_softcapping", None) is not None:
+            # 4.x caps the logits after the head when the config asks: the whole forward then
+            return causal_lm_loss(self.language_forward(inputs_embeds, attention_mask, positions), labels)
+        return super().language_loss(inputs_embeds, attention_mask, positions, labels)
+
+    def _run(self, module, inputs_embeds, attention_mask, positions, **kwargs):
         if positions is None:
             positions = self.positions(None, attention_mask)
         if not isinstance(positions, Positions):
             positions = Positions(positions)
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=positions.position_ids, token_type_ids=positions.token_type_ids,
-                         use_cache=False, **kwargs)
-        return out.logits
+        return module(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=positions.position_ids, token_type_ids=positions.token_type_ids,
+                      use_cache=False, **kwargs)
 
     def generate(self, model, inputs_embeds, attention_mask, positions: Positions | None = None, **kwargs):
         """The base's ``generate`` from embeddings with the prompt's ``token_type_ids``: its

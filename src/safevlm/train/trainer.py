@@ -289,7 +289,7 @@ class SafetyTrainer(Trainer):
         return sum(parts)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs, compute_lm=self.lm_weight > 0)
+        outputs = model(**inputs, compute_lm=self.lm_weight > 0, return_logits=False)  # the loss needs no logits
         loss = self.weighted_loss(outputs)
         if model.training:
             for key in ("level_loss", "type_loss", "lm_loss"):
