@@ -169,3 +169,25 @@ def test_vision_tower_stops_after_the_deepest_selected_layer_with_the_same_state
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="out of range for a vision tower of 2 layers"):
         tower_hidden_states(tower, pixels, [-4])
+
+
+def test_a_checkpointed_vision_tower_runs_whole_and_no_warning_is_printed(recwarn):
+    from safevlm.backbones import get_backbone
+    from safevlm.backbones.base import tower_hidden_states
+    from safevlm.compat import is_checkpointing
+
+    tower = get_backbone(build_tiny("test", seed=0)[0]).vision_tower
+    blocks = tower.vision_model.encoder.layers if hasattr(tower, "vision_model") else tower.encoder.layers
+    calls = []
+    blocks[-1].register_forward_pre_hook(lambda *a: calls.append(1))
+    pixels = torch.randn(2, 3, 16, 16)
+    assert not is_checkpointing(tower) and not is_checkpointing(torch.nn.Linear(2, 2))
+    tower_hidden_states(tower, pixels, [-2])
+    assert calls == []
+    enable = getattr(tower, "activation_checkpointing_enable", None) or tower.gradient_checkpointing_enable  # 5.x / 4.57
+    enable()
+    assert is_checkpointing(tower)
+    tower.train()
+    got = tower_hidden_states(tower, pixels, [-2])[0]
+    assert calls == [1] and got.shape == (2, 17, 32)
+    assert not [w for w in recwarn if "checkpointing" in str(w.message)]

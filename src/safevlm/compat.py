@@ -36,6 +36,18 @@ def training_arguments(**kwargs):
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k not in dropped})
 
 
+def is_checkpointing(model) -> bool:
+    """Whether a Hugging Face model trains with activation (gradient) checkpointing.
+
+    5.x renamed ``is_gradient_checkpointing`` to ``is_activation_checkpointing`` and warns on
+    the old name; 4.57 has only the old one. Modules that are not Hugging Face models: False.
+    """
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 # -- loading --------------------------------------------------------------------------------------
 def processor_load_kwargs() -> dict:
     """Keyword arguments for ``AutoProcessor.from_pretrained`` that pick the PIL ("slow") image

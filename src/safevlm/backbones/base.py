@@ -124,12 +124,14 @@ def tower_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, layers: li
     (its forward does not return; pre-hooks do). Towers without ``encoder.layers``, with
     gradient checkpointing or accelerate hooks, or in a distributed run run whole.
     """
+    from safevlm.compat import is_checkpointing
+
     encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
     blocks = getattr(encoder, "layers", None)
     # distributed wrappers gather and free weights around each module, accelerate's offload hooks
     # move them back after it, checkpointed layers recompute under their own wrapper: all run whole
-    whole = (torch.distributed.is_available() and torch.distributed.is_initialized()) or getattr(
-        tower, "is_gradient_checkpointing", False) or hasattr(tower, "_hf_hook")
+    whole = (torch.distributed.is_available() and torch.distributed.is_initialized()) or is_checkpointing(
+        tower) or hasattr(tower, "_hf_hook")
     n = len(blocks) if isinstance(blocks, nn.ModuleList) else None
     if n is not None and any(not -(n + 1) <= i <= n for i in layers):
         raise ValueError(f"vision_feature_layer {layers} is out of range for a vision tower of {n} layers")
