@@ -81,6 +81,7 @@ def test_overrides_use_dotted_keys_and_yaml_values():
         ({"log": {"progress_bar": "yes"}}, r"log.progress_bar must be true/false, got 'yes'"),
         ({"data": {"train": "a.jsonl", "synthetic": {"n": 10}}}, r"either data.synthetic or data.train/data.val"),
         ({"data": {"synthetic": {"multi_turn_ratio": 1.5}}}, r"data.synthetic.multi_turn_ratio must be in \[0, 1\], got 1.5"),
+        ({"data": {"length_window": 0}}, r"data.length_window must be >= 1 \(batches sorted together\), got 0"),
     ],
 )
 def test_bad_recipes_are_clear_errors(change, message):

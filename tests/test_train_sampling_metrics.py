@@ -126,3 +126,22 @@ def test_group_by_length_keeps_a_partial_batch_last():
     # mega-batches of 4 sorted longest first: [3, 2, 1, 0], [7, 6, 5, 4], [9, 8]; the longest full one
     # goes first, the partial one stays last
     assert out[:4] == [7, 6, 5, 4] and out[4:8] == [3, 2, 1, 0] and out[8:] == [9, 8]
+
+
+def test_a_small_length_window_sorts_only_within_neighbouring_batches():
+    from safevlm.train.sampler import BalancedRiskSampler
+
+    rng = torch.Generator().manual_seed(3)
+    lengths = torch.randint(20, 120, (96,), generator=rng).tolist()
+    types = [SAFE] * 96
+    plain = list(BalancedRiskSampler(types, SAFE, balance_types=False, seed=5))
+    grouped = list(BalancedRiskSampler(types, SAFE, balance_types=False, seed=5, lengths=lengths, batch_size=8,
+                                       length_window=2))
+    assert sorted(grouped) == list(range(96))
+    windows = [set(plain[k:k + 16]) for k in range(0, 96, 16)]  # the plain draw, two batches at a time
+    batches = [grouped[k:k + 8] for k in range(0, 96, 8)]
+    assert all(any(set(b) <= w for w in windows) for b in batches)  # no batch mixes records of two windows
+    padded = [sum(max(lengths[i] for i in b) for b in (order[k:k + 8] for k in range(0, 96, 8))) for order in (plain, grouped)]
+    assert padded[1] < padded[0]
+    with pytest.raises(ValueError, match="length_window must be >= 1"):
+        BalancedRiskSampler(types, SAFE, lengths=lengths, batch_size=8, length_window=0)

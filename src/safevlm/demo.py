@@ -63,6 +63,8 @@ class DemoSettings:
     stage2_samples: int = 3000
     stage2_lr: float = 1e-3
     stage2_clean_ratio: float = 1.5  # clean samples per risky sample drawn in stage 2
+    stage2_lora_dropout: float = 0.05
+    length_window: int | None = None  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
     eval_samples: int = 300  # held-out samples used for the generation metrics
     max_new_tokens: int = 24
     batch_size: int = 32
@@ -204,6 +206,12 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     steps = settings.lm_epochs * ((len(samples) + bs - 1) // bs)
     opt = torch.optim.AdamW(params, lr=settings.lm_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lm_lr, total_steps=steps, pct_start=0.1)
+    if settings.length_window:  # less padding; each batch still a random mix (see data.length_window)
+        from safevlm.train.sampler import group_by_length
+
+        order = group_by_length(list(range(len(samples))), [collator.token_length(r) for r in samples], bs,
+                                torch.Generator().manual_seed(settings.seed + 2), settings.length_window)
+        samples = [samples[i] for i in order]
     # The vision tower is frozen: compute its features once.
     batches = []
     with torch.no_grad():
@@ -488,10 +496,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "stage": 2,
         "output_dir": str(out / "stage2"),
         "model": {"safety_modules": "train"},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": settings.stage2_lora_dropout, "target_modules": "all-linear"},
         "loss": {"cls_weight": 1.0, "lm_weight": 1.0},
         # More clean samples than in stage 1, so that refusing is learned without over-refusing.
-        "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio},
+        "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio,
+                 "group_by_length": bool(settings.length_window), "length_window": settings.length_window or 50},
         "optim": {"lr": settings.stage2_lr, "epochs": settings.stage2_epochs, "warmup_steps": 20,
                   "batch_size": settings.batch_size // 2, "scheduler": "cosine"},
     })

@@ -9,7 +9,7 @@ A recipe has a few top-level keys and one section per concern::
     lora:   {r, alpha, dropout, target_modules}          # stage 2 only
     loss:   {cls_weight, lm_weight}
     data:   {train, val, format, image_root, check_images, max_length, balance_types, clean_ratio,
-             samples_per_epoch, group_by_length, synthetic}
+             samples_per_epoch, group_by_length, length_window, synthetic}
     cache:  {enabled, dir, batch_size}
     optim:  {lr, epochs, max_steps, warmup_steps, batch_size, ..., precision, deepspeed}
     log:    {logging_steps, eval_steps, save_steps, save_total_limit, progress_bar, plot}
@@ -175,6 +175,11 @@ class DataSection:
         "as Hugging Face's group_by_length).",
         default=False,
     )
+    length_window: int = _help(
+        "With group_by_length: how many batches are sorted by length together (Hugging Face: 50). "
+        "A small window (2-4) keeps every batch a random mix of the data and still cuts most padding.",
+        default=50,
+    )
     synthetic: SyntheticSection | None = _help(
         "Generate a synthetic dataset (safevlm.data.synth) and use its train/val splits.", default=None
     )
@@ -190,6 +195,8 @@ class DataSection:
             raise ConfigError(f"data.clean_ratio must be >= 0 (clean per risky sample), got {self.clean_ratio}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ConfigError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
+        if self.length_window < 1:
+            raise ConfigError(f"data.length_window must be >= 1 (batches sorted together), got {self.length_window}")
 
 
 @dataclass

@@ -33,6 +33,7 @@ class BalancedRiskSampler(Sampler[int]):
         seed: base seed; the epoch is added via :meth:`set_epoch`.
         lengths: token length of every record (with ``batch_size``: group batches by length).
         batch_size: the per-device batch size the indices are cut into.
+        length_window: batches sorted by length together (:func:`group_by_length`'s ``mega_batches``).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class BalancedRiskSampler(Sampler[int]):
         seed: int = 0,
         lengths: Sequence[int] | None = None,
         batch_size: int | None = None,
+        length_window: int = 50,
     ):
         self.risk_types = [int(t) for t in risk_types]
         if not self.risk_types:
@@ -57,6 +59,9 @@ class BalancedRiskSampler(Sampler[int]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths = None if lengths is None else [int(n) for n in lengths]
         self.batch_size = batch_size
+        if length_window < 1:
+            raise ValueError(f"length_window must be >= 1, got {length_window}")
+        self.length_window = length_window
         self.safe_type_id = safe_type_id
         self.balance_types = balance_types
         self.seed = seed
@@ -116,7 +121,7 @@ class BalancedRiskSampler(Sampler[int]):
         perm = torch.randperm(len(chosen), generator=g).tolist()
         order = [chosen[i] for i in perm]
         if self.lengths is not None:
-            order = group_by_length(order, self.lengths, self.batch_size, g)
+            order = group_by_length(order, self.lengths, self.batch_size, g, self.length_window)
         return iter(order)
 
 

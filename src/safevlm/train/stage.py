@@ -444,6 +444,7 @@ def run_stage(
         }
         sampler_options["lengths"] = [collator.token_length(r) for r in train_records]
         sampler_options["batch_size"] = args.per_device_train_batch_size
+        sampler_options["length_window"] = config.data.length_window
     trainer = SafetyTrainer(
         model=model,
         args=args,
