@@ -76,7 +76,7 @@ def test_overrides_use_dotted_keys_and_yaml_values():
         ({"stage": 3}, r"stage must be one of 1, 2; got 3"),
         ({"lora": {"r": 8}}, r"stage 1 freezes the whole base; remove the 'lora' section"),
         ({"model": {"safety": {"num_prefix_token": 3}}}, r"model.safety: unknown SafetyConfig field\(s\) \['num_prefix_token'\]"),
-        ({"model": {"safety_modules": "lora"}}, r"model.safety_modules must be one of train, frozen; got 'lora'"),
+        ({"model": {"safety_modules": "lora"}}, r"model.safety_modules must be one of train, prefix, frozen; got 'lora'"),
         ({"loss": {"cls_weight": 0, "lm_weight": 0}}, r"both 0: nothing to train"),
         ({"log": {"progress_bar": "yes"}}, r"log.progress_bar must be true/false, got 'yes'"),
         ({"data": {"train": "a.jsonl", "synthetic": {"n": 10}}}, r"either data.synthetic or data.train/data.val"),

@@ -233,6 +233,19 @@ def test_stage2_trains_safety_modules_when_asked_and_merge_matches(tmp_path, sta
         merge_lora("tiny:test", s1.adapter_dir, tmp_path / "m2")
 
 
+def test_stage2_with_safety_modules_prefix_keeps_the_stage1_head_exactly(tmp_path, stage1, records):
+    s1 = stage1[0]
+    config = tiny_config(tmp_path, stage=2, model={"base": "tiny:test", "adapter": str(s1.adapter_dir),
+                                                   "safety_modules": "prefix"},
+                         optim={"epochs": 1}, log={"save_steps": 0, "eval_steps": 0, "plot": False})
+    safety_before = SafeVLM.from_pretrained(build_tiny("test")[0], s1.adapter_dir).safety_state_dict()
+    result = run_stage(config, processor=build_tiny("test")[1], train_records=records[0][:16])
+    changed = {k for k, v in result.model.safety_state_dict().items() if not torch.equal(v, safety_before[k])}
+    assert changed and all(k.startswith("prefix_tokens.") for k in changed), changed
+    assert "prefix_tokens.embeddings" in changed
+    assert any(".lora_A." in n for n, _ in result.model.named_parameters())
+
+
 def test_lora_targets_outside_the_llm_are_refused(tmp_path, records):
     from safevlm.train.config import ConfigError
 

@@ -49,10 +49,11 @@ def test_stage_parts():
     assert stage_parts(1, safety_modules="frozen") == set(SAFETY_PARTS)  # stage 1 trains them regardless
     assert stage_parts(1, train_prefix=False) == {"safety_projector", "safety_head"}
     assert stage_parts(2, safety_modules="frozen") == {"lora"}
+    assert stage_parts(2, safety_modules="prefix") == {"lora", "prefix_tokens"}
     assert stage_parts(2) == {"lora", *SAFETY_PARTS}
     with pytest.raises(ValueError, match="stage must be 1 or 2, got 3"):
         stage_parts(3)
-    with pytest.raises(ValueError, match="safety_modules must be 'train' or 'frozen', got 'some'"):
+    with pytest.raises(ValueError, match="safety_modules must be 'train', 'prefix' or 'frozen', got 'some'"):
         stage_parts(2, safety_modules="some")
 
 

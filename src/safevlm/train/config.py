@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SAFETY_MODULE_MODES = ("train", "frozen")
+SAFETY_MODULE_MODES = ("train", "prefix", "frozen")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -67,7 +67,8 @@ class ModelSection:
         default=False,
     )
     safety_modules: str = _help(
-        "Safety projector, head and prefix tokens: 'train' or 'frozen' (stage 1 must train them).",
+        "Safety projector, head and prefix tokens in stage 2: 'train' (all), 'prefix' (the prefix tokens "
+        "only: the stage-1 head and projector stay exactly as they are) or 'frozen' (stage 1 must train them).",
         default="train",
     )
     gradient_checkpointing: bool = _help("Recompute LLM activations in backward (saves memory).", default=False)

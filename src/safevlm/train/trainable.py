@@ -32,14 +32,18 @@ def stage_parts(stage: int, safety_modules: str = "train", train_prefix: bool = 
     """The parts a training stage trains.
 
     stage 1: the safety modules on a frozen base; stage 2: LoRA, plus the safety modules when
-    ``safety_modules == "train"``. ``train_prefix=False`` leaves the prefix tokens frozen (they
-    are read only by the LLM, so without an LM loss they get no gradient).
+    ``safety_modules == "train"`` or the prefix tokens alone when ``"prefix"`` (the stage-1
+    projector and head are kept as they are). ``train_prefix=False`` leaves the prefix tokens
+    frozen (they are read only by the LLM, so without an LM loss they get no gradient).
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    if safety_modules not in ("train", "frozen"):
-        raise ValueError(f"safety_modules must be 'train' or 'frozen', got {safety_modules!r}")
-    parts = set(SAFETY_PARTS) if stage == 1 or safety_modules == "train" else set()
+    if safety_modules not in ("train", "prefix", "frozen"):
+        raise ValueError(f"safety_modules must be 'train', 'prefix' or 'frozen', got {safety_modules!r}")
+    if stage == 1 or safety_modules == "train":
+        parts = set(SAFETY_PARTS)
+    else:
+        parts = {"prefix_tokens"} if safety_modules == "prefix" else set()
     if stage == 2:
         parts.add("lora")
     if not train_prefix:
