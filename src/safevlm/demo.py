@@ -178,7 +178,7 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     here, so the base goes along with them (the typographic attack)."""
     import torch
 
-    from safevlm.backbones import get_backbone
+    from safevlm.backbones import causal_lm_loss, get_backbone
     from safevlm.data import SafetyRecord, Turn
     from safevlm.data.collator import SafetyCollator
     from safevlm.train.trainable import set_trainable
@@ -228,7 +228,7 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
             embeds = backbone.scatter_image_embeds(
                 backbone.embed_tokens(ids), ids == image_token_id, batch["vision_features"]
             )
-            loss = backbone.language_loss(embeds, batch["attention_mask"], None, batch["labels"])
+            loss = causal_lm_loss(backbone.language_forward(embeds, batch["attention_mask"]), batch["labels"])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -497,7 +497,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "output_dir": str(out / "stage2"),
         "model": {"safety_modules": "train"},
         "lora": {"r": 16, "alpha": 32, "dropout": settings.stage2_lora_dropout, "target_modules": "all-linear"},
-        "loss": {"cls_weight": 1.0, "lm_weight": 1.0},
+        # Full logits, as this recipe was validated with (see DemoSettings: a change of float rounding
+        # re-draws this small run's outcome).
+        "loss": {"cls_weight": 1.0, "lm_weight": 1.0, "lm_logits": "full"},
         # More clean samples than in stage 1, so that refusing is learned without over-refusing.
         "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio,
                  "group_by_length": bool(settings.length_window), "length_window": settings.length_window or 50},

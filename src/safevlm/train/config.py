@@ -7,7 +7,7 @@ A recipe has a few top-level keys and one section per concern::
     seed: 42
     model:  {base, adapter, processor, torch_dtype, allow_base_mismatch, safety_modules, safety: {...}}
     lora:   {r, alpha, dropout, target_modules}          # stage 2 only
-    loss:   {cls_weight, lm_weight}
+    loss:   {cls_weight, lm_weight, lm_logits}
     data:   {train, val, format, image_root, check_images, max_length, balance_types, clean_ratio,
              samples_per_epoch, group_by_length, length_window, synthetic}
     cache:  {enabled, dir, batch_size}
@@ -126,8 +126,15 @@ class LossSection:
         "stage 2 trains the LLM and needs > 0.",
         default=1.0,
     )
+    lm_logits: str = _help(
+        "Where the LM loss computes logits: 'supervised' (the LM head at the supervised tokens only: "
+        "the same loss for less compute and memory) or 'full' (every token; the same value up to float "
+        "rounding, which a run as small as the demo's can amplify).",
+        default="supervised",
+    )
 
     def validate(self) -> None:
+        _choice("loss.lm_logits", self.lm_logits, ("supervised", "full"))
         if self.cls_weight < 0 or self.lm_weight < 0:
             raise ConfigError(f"loss weights must be >= 0, got cls_weight={self.cls_weight}, lm_weight={self.lm_weight}")
         if self.cls_weight == 0 and self.lm_weight == 0:

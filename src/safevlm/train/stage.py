@@ -455,6 +455,7 @@ def run_stage(
         callbacks=[MetricsLogger(out, plot=False), *(callbacks or [])],
         cls_weight=config.loss.cls_weight,
         lm_weight=config.loss.lm_weight,
+        full_logits=config.loss.lm_logits == "full",
         sampler_options=sampler_options,
     )
     if quiet:

@@ -248,7 +248,7 @@ class SafetyTrainer(Trainer):
     """
 
     def __init__(self, *args, cls_weight: float = 1.0, lm_weight: float = 1.0, sampler_options: dict | None = None,
-                 **kwargs):
+                 full_logits: bool = False, **kwargs):
         if cls_weight < 0 or lm_weight < 0 or cls_weight + lm_weight == 0:
             raise ValueError(
                 f"loss weights must be >= 0 and not both 0, got cls_weight={cls_weight}, lm_weight={lm_weight}"
@@ -263,6 +263,7 @@ class SafetyTrainer(Trainer):
         self.args.save_total_limit = None
         self.cls_weight = cls_weight
         self.lm_weight = lm_weight
+        self.full_logits = full_logits
         self.sampler_options = sampler_options
         self._component_sums: dict[str, torch.Tensor] = {}  # loss components since the last log
         self._component_count = 0
@@ -289,7 +290,8 @@ class SafetyTrainer(Trainer):
         return sum(parts)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs, compute_lm=self.lm_weight > 0, return_logits=False)  # the loss needs no logits
+        # the loss needs no logits: the LM head runs at the supervised tokens only (unless asked otherwise)
+        outputs = model(**inputs, compute_lm=self.lm_weight > 0, return_logits=self.full_logits)
         loss = self.weighted_loss(outputs)
         if model.training:
             for key in ("level_loss", "type_loss", "lm_loss"):
