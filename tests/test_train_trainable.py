@@ -139,7 +139,7 @@ def test_causal_lm_loss_and_scatter_checks():
     assert torch.equal(out[0, :2], embeds[0, :2]) and torch.equal(out[0, 18:], embeds[0, 18:])
 
 
-@pytest.mark.parametrize("layers", [[-2], [-2, -3], [0, 2], [-1]])
+@pytest.mark.parametrize("layers", [[-2], [-2, -3], [0, 2], [-1], [0], [-3]])
 def test_vision_tower_stops_after_the_deepest_selected_layer_with_the_same_states_and_gradients(layers):
     from safevlm.backbones import get_backbone
     from safevlm.backbones.base import tower_hidden_states
@@ -160,7 +160,10 @@ def test_vision_tower_stops_after_the_deepest_selected_layer_with_the_same_state
 
     got = tower_hidden_states(tower, pixels, layers)
     deepest = max(i % (len(blocks) + 1) for i in layers)
-    assert calls == [2] * deepest + [1] * (len(blocks) - deepest)  # the layers after the deepest never ran
+    if deepest in (0, len(blocks)):  # nothing to skip: the tower runs whole, once
+        assert calls == [2] * len(blocks)
+    else:  # the layers after the deepest never ran
+        assert calls == [2] * deepest + [1] * (len(blocks) - deepest)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
     sum(h.square().sum() for h in got).backward()

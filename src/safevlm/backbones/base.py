@@ -136,16 +136,16 @@ def tower_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, layers: li
     if n is not None and any(not -(n + 1) <= i <= n for i in layers):
         raise ValueError(f"vision_feature_layer {layers} is out of range for a vision tower of {n} layers")
     absolute = [i % (n + 1) for i in layers] if n else []
-    if n is None or whole or max(absolute) == n:
+    if n is None or whole or max(absolute) in (0, n):  # nothing to skip (0: the embeddings alone)
         outputs = tower(pixel_values, output_hidden_states=True)
         return [outputs.hidden_states[i] for i in layers]
     depth, owner, taken = max(absolute), threading.get_ident(), {}
 
     def make_hook(j):
         def hook(module, args, output):
-            if threading.get_ident() != owner:
+            if threading.get_ident() != owner or not args:  # (a layer called without positional input runs on)
                 return
-            taken[j] = args[0] if args else None  # the input of layer j: hidden_states[j]
+            taken[j] = args[0]  # the input of layer j: hidden_states[j]
             taken[j + 1] = output[0] if isinstance(output, tuple) else output
             if j + 1 == depth:
                 raise _DeepEnough
@@ -153,16 +153,13 @@ def tower_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, layers: li
 
     handles = [blocks[j].register_forward_hook(make_hook(j)) for j in range(depth)]
     try:
-        tower(pixel_values, output_hidden_states=True)
+        outputs = tower(pixel_values, output_hidden_states=True)
     except _DeepEnough:
-        pass
+        return [taken[k] for k in absolute]
     finally:
         for handle in handles:
             handle.remove()
-    if any(taken.get(k) is None for k in absolute):  # a layer called without positional input: run whole
-        outputs = tower(pixel_values, output_hidden_states=True)
-        return [outputs.hidden_states[i] for i in layers]
-    return [taken[k] for k in absolute]
+    return [outputs.hidden_states[i] for i in layers]  # the hooks could not stop it: it ran whole, once
 
 
 def supervised_lm_loss(hidden: torch.Tensor, labels: torch.LongTensor, lm_head: nn.Module) -> torch.Tensor:
