@@ -497,8 +497,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "output_dir": str(out / "stage2"),
         "model": {"safety_modules": "train"},
         "lora": {"r": 16, "alpha": 32, "dropout": settings.stage2_lora_dropout, "target_modules": "all-linear"},
-        # Full logits, as this recipe was validated with (see DemoSettings: a change of float rounding
-        # re-draws this small run's outcome).
+        # Full logits, as this recipe was validated with: a change of float rounding alone (the
+        # supervised-only loss) re-draws this small run's outcome.
         "loss": {"cls_weight": 1.0, "lm_weight": 1.0, "lm_logits": "full"},
         # More clean samples than in stage 1, so that refusing is learned without over-refusing.
         "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio,
