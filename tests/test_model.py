@@ -344,3 +344,61 @@ def test_from_pretrained_resolves_dtype_names(tmp_path, tiny, safe_model):
     assert alias.safety_head.level_classifier.weight.dtype is torch.float32
     with pytest.raises(ValueError, match="unknown dtype 'float99'; allowed: auto, float32, bfloat16, float16"):
         SafeVLM.from_pretrained(tiny[0], tmp_path, dtype="float99")
+
+
+def _head_config(**overrides):
+    return SafetyConfig(text_hidden_size=32, vision_hidden_size=16, num_image_features=9, head_hidden_size=32,
+                        head_num_heads=4, head_num_layers=1, num_query_tokens=4, dropout=0.0, **overrides)
+
+
+def test_prompt_token_dropout_hides_prompt_tokens_in_training_only():
+    from safevlm.modules.head import SafetyHead
+
+    torch.manual_seed(0)
+    head = SafetyHead(_head_config(prompt_token_dropout=0.5))
+    feats, prompt = torch.randn(3, 9, 32), torch.randn(3, 12, 32)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[2, 8:] = False  # padding stays hidden
+    head.eval()
+    plain = head(feats, prompt, mask)
+    again = head(feats, prompt, mask)
+    torch.testing.assert_close(plain.type_logits, again.type_logits)  # eval: deterministic, nothing hidden
+
+    head.train()
+    torch.manual_seed(1)
+    trained = head(feats, prompt, mask)
+    torch.manual_seed(1)
+    kept = mask & (torch.rand(mask.shape) >= 0.5)  # the same draw, made by hand
+    assert 0 < int(kept.sum()) < int(mask.sum()) and not kept[2, 8:].any()
+    head.eval()
+    by_hand = head(feats, prompt, kept)
+    torch.testing.assert_close(trained.type_logits, by_hand.type_logits)
+    assert (trained.type_logits - plain.type_logits).abs().max() > 1e-4
+
+    # over many draws about the configured share is hidden, never the padding
+    head.train()
+    big = torch.ones(64, 200, dtype=torch.bool)
+    big[:, 150:] = False
+    shares = [1 - head._drop_prompt_tokens(big, has_image=True)[:, :150].float().mean().item() for _ in range(5)]
+    assert all(abs(s - 0.5) < 0.02 for s in shares), shares
+    assert not head._drop_prompt_tokens(big, has_image=True)[:, 150:].any()
+
+
+def test_prompt_token_dropout_keeps_a_text_only_sample_attending():
+    from safevlm.modules.head import SafetyHead
+
+    head = SafetyHead(_head_config(prompt_token_dropout=0.95)).train()
+    mask = torch.zeros(256, 3, dtype=torch.bool)
+    mask[:, 0] = True  # one prompt token each, and no image features
+    torch.manual_seed(0)
+    kept = head._drop_prompt_tokens(mask, has_image=False)
+    assert kept[:, 0].all()  # every row would have been emptied by the draw: each keeps its token
+    out = head(None, torch.randn(256, 3, 32), mask)  # no "nothing to attend to" error
+    assert out.type_logits.shape == (256, 7)
+    assert head._drop_prompt_tokens(mask, has_image=True)[:, 0].float().mean() < 0.2
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_prompt_token_dropout_is_validated(value):
+    with pytest.raises(ValueError, match="prompt_token_dropout must be in"):
+        _head_config(prompt_token_dropout=value)

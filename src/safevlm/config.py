@@ -82,6 +82,12 @@ class SafetyConfig:
         "Let the head attend over the prompt's token embeddings as well as the safety features.", default=True
     )
     dropout: float = _help("Dropout in the safety projector and head, in [0, 1).", default=0.1)
+    prompt_token_dropout: float = _help(
+        "In training only: the share of prompt tokens the head does not see, drawn afresh per sample and "
+        "step, in [0, 1). Keeps the head from keying on the wording of the training prompts, so that a "
+        "request in the image is still read under an unseen prompt (0: off).",
+        default=0.0,
+    )
 
     # -- from the base (filled by from_base_config) ------------------------------------------
     base_model_type: str = _help("model_type of the base config, e.g. 'llava'.", default="llava")
@@ -149,6 +155,8 @@ class SafetyConfig:
             raise ValueError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.prompt_token_dropout < 1.0:
+            raise ValueError(f"prompt_token_dropout must be in [0, 1), got {self.prompt_token_dropout}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"

@@ -59,6 +59,7 @@ class SafetyHead(nn.Module):
         super().__init__()
         width = config.head_hidden_size
         self.use_prompt = config.head_use_prompt
+        self.prompt_token_dropout = config.prompt_token_dropout
         self.queries = nn.Parameter(torch.randn(config.num_query_tokens, width) * 0.02)
         self.safety_in = nn.Linear(config.safety_dim, width)
         # Token embeddings are small (LLaMA: std 0.02), so normalise them before projecting, or
@@ -89,6 +90,18 @@ class SafetyHead(nn.Module):
         self.register_buffer("level_temperature", torch.ones(()))
         self.register_buffer("type_temperature", torch.ones(()))
 
+    def _drop_prompt_tokens(self, prompt_mask: torch.Tensor, has_image: bool) -> torch.Tensor:
+        """Training only: hide a random ``prompt_token_dropout`` share of each sample's prompt
+        tokens (a sample without image features keeps at least the tokens it had when every one
+        would be hidden)."""
+        if not self.training or self.prompt_token_dropout <= 0.0:
+            return prompt_mask
+        kept = prompt_mask & (torch.rand(prompt_mask.shape, device=prompt_mask.device) >= self.prompt_token_dropout)
+        if not has_image:
+            emptied = ~kept.any(dim=1)
+            kept[emptied] = prompt_mask[emptied]
+        return kept
+
     def forward(
         self,
         safety_features: torch.Tensor | None,
@@ -117,7 +130,7 @@ class SafetyHead(nn.Module):
             if prompt_mask is None:
                 prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
             keys.append(self.prompt_in(prompt_embeds.to(self.prompt_in[1].weight.dtype)) + self.segment[1])
-            masks.append(prompt_mask.bool())
+            masks.append(self._drop_prompt_tokens(prompt_mask.bool(), has_image=bool(masks)))
         if not keys:
             raise ValueError("the safety head needs safety features or a prompt; got neither")
         keys = self.norm_kv(torch.cat(keys, dim=1))
