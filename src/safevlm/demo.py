@@ -12,8 +12,13 @@
    b. *multimodal pre-training* (the LLaVA analogue): vision frozen, projector + LM learn
       to read the image aloud and to answer benign questions, and the LM gets the text-side
       safety alignment a real chat LLM has (it refuses or answers cautiously when the harmful
-      request is in the *prompt*). The result is the situation the paper starts from: the
-      base refuses harmful text, but a harmful request typed into an image goes through.
+      request is in the *prompt*, and answers benign requests in the same words). The result
+      is the situation the paper starts from: the base refuses harmful text, but a harmful
+      request typed into an image goes through.
+   The held-out split's prompt templates are never trained on. Options (off by default):
+   ``wording_drop`` varies the wording of half the requests in pre-training and stage 2
+   (:func:`vary_wording`), ``lm_benign_text_repeat`` shows benign text requests more often,
+   and ``safety["prompt_token_dropout"]`` hides a share of the prompt from the head in training.
 3. **Before**: the base model's answers on held-out prompts (refusal on risky, over-refusal
    and answer accuracy on benign).
 4. **Stage 1**: base frozen, safety projector + head (+ prefix tokens) on the classification
@@ -27,15 +32,17 @@
    control set in the same layout; ``report.json``, ``report.md`` and plots.
 
 Everything is deterministic for a seed on CPU. The settings in :class:`DemoSettings` are sized
-so that the whole run fits on a laptop CPU: about a quarter of an hour on 2 cores (report.md states
-the time the run took).
+so that the whole run fits on a laptop CPU: about a quarter of an hour on 2 cores (report.md
+states the time each step took).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,15 +54,22 @@ CAPTION_PROMPT = "What does the image say?"
 
 @dataclass
 class DemoSettings:
-    """Sizes of each step (defaults: the full demo, about a quarter of an hour on 2 CPU cores)."""
+    """Sizes of each step (defaults: the full demo, about a quarter of an hour on 2 CPU cores).
+
+    ``wording_drop``, ``lm_benign_text_repeat``, ``length_window`` and
+    ``safety["prompt_token_dropout"]`` are off and ``lm_logits`` is ``"full"`` by default: the
+    recipe the demo's thresholds were validated with (see :func:`vary_wording`)."""
 
     seed: int = 0
     n_samples: int = 5000  # synthetic safety samples, all splits
     vision_images: int = 8000  # freshly rendered images for vision pre-training
     vision_epochs: int = 5
     vision_lr: float = 3e-3
+    vision_batch_size: int = 64
     lm_samples: int = 3200  # multimodal pre-training samples (captions, benign QA, text-side alignment)
     lm_epochs: int = 2
+    lm_benign_text_repeat: int = 1  # each benign text request this many times in multimodal pre-training
+    lm_logits: str = "full"  # multimodal pre-training and stage 2: LM head at every token ("full") or the supervised ones
     lm_lr: float = 1e-3
     stage1_epochs: int = 8
     stage1_lr: float = 2e-3
@@ -64,6 +78,7 @@ class DemoSettings:
     stage2_lr: float = 1e-3
     stage2_clean_ratio: float = 1.5  # clean samples per risky sample drawn in stage 2
     stage2_lora_dropout: float = 0.05
+    wording_drop: float = 0.0  # > 0: half the requests in pre-training and stage 2 have their wording varied (vary_wording)
     length_window: int | None = None  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
     eval_samples: int = 300  # held-out samples used for the generation metrics
     max_new_tokens: int = 24
@@ -146,7 +161,7 @@ def pretrain_vision(base, processor, settings: DemoSettings, progress) -> dict:
     tower = backbone.vision_tower
     classifier = torch.nn.Linear(backbone.config_facts(base.config)["vision_hidden_size"], len(vocab))
     params = list(tower.parameters()) + list(classifier.parameters())
-    bs = 64
+    bs = settings.vision_batch_size
     steps = settings.vision_epochs * ((len(images) + bs - 1) // bs)
     opt = torch.optim.AdamW(params, lr=settings.vision_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.vision_lr, total_steps=steps, pct_start=0.1)
@@ -184,10 +199,17 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     from safevlm.train.trainable import set_trainable
 
     rng = random.Random(settings.seed + 2)
+    filler = filler_words(processor.tokenizer) if settings.wording_drop > 0 else ()
     samples = []
     for r in records:
         if r.response and (r.risk_level == 0 or r.metadata.get("request_in") == "text"):
-            samples.append(r)  # benign QA, and harmful requests made in the prompt text
+            samples.append(_varied(r, rng, settings, filler))  # benign QA, and harmful requests made in the prompt text
+            if r.risk_level == 0 and r.metadata.get("request_in") == "text":
+                # benign requests in the same templates, as often as a chat LLM sees them: the
+                # synthetic set has ~9 risky text requests per benign one, and a model that sees
+                # so few learns to refuse the template rather than the request
+                samples += [dataclasses.replace(_varied(r, rng, settings, filler), id=f"{r.id}-again{k}")
+                            for k in range(1, settings.lm_benign_text_repeat)]
         caption = _vision_caption(r)
         if r.metadata.get("request_in") in ("image", "image+text"):
             answer = f"The image says: {caption}."
@@ -228,7 +250,10 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
             embeds = backbone.scatter_image_embeds(
                 backbone.embed_tokens(ids), ids == image_token_id, batch["vision_features"]
             )
-            loss = causal_lm_loss(backbone.language_forward(embeds, batch["attention_mask"]), batch["labels"])
+            if settings.lm_logits == "full":
+                loss = causal_lm_loss(backbone.language_forward(embeds, batch["attention_mask"]), batch["labels"])
+            else:
+                loss = backbone.language_loss(embeds, batch["attention_mask"], None, batch["labels"])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -239,6 +264,80 @@ def pretrain_language(base, processor, records, image_root, settings: DemoSettin
     bar.close()
     base.eval()
     return {"samples": len(samples), "final_loss": round(loss.item(), 4)}
+
+
+def filler_words(tokenizer) -> tuple[str, ...]:
+    """The words :func:`vary_wording` draws from: every token of ``tokenizer``'s vocabulary made of
+    2 or more letters (a word-start marker removed), except the words of the risky phrases, so
+    that filler never turns a benign prompt into a risky one. Sorted."""
+    from safevlm.data.synth import texts
+
+    risky = {w.lower() for levels in texts.RISKY_PHRASES.values() for ps in levels.values() for p in ps for w in p.split()}
+    words = set()
+    for token in tokenizer.get_vocab():
+        word = token[1:] if token[:1] in ("\u0120", "\u2581") else token  # byte-level BPE / sentencepiece word start
+        if len(word) >= 2 and word.isascii() and word.isalpha() and word.lower() not in risky:
+            words.add(word)
+    return tuple(sorted(words))
+
+
+def _varied(record, rng: random.Random, settings: DemoSettings, filler: tuple[str, ...] = ()):
+    """Half the time, :func:`vary_wording` at ``settings.wording_drop`` (0: never, and ``rng`` is not drawn from)."""
+    if settings.wording_drop <= 0 or rng.random() >= 0.5:
+        return record
+    return vary_wording(record, rng, settings.wording_drop, filler)
+
+
+def vary_wording(record, rng: random.Random, drop: float, filler: tuple[str, ...] = ()):
+    """``record`` with the words of its request's prompt varied at random: each is dropped with
+    probability ``drop`` and, given ``filler`` words, replaced by a random one of them with
+    probability ``drop``; the request phrase (where the prompt spells it out), the image
+    placeholder and the other turns are kept. Only requests (``metadata["request_in"]``: text,
+    image or both) are varied; other records, and a draw that would leave no word, come back
+    unchanged.
+
+    A real chat LLM has seen a request worded in countless ways, and every word of its
+    vocabulary in use; the synthetic set has a few templates per split, and a word only the
+    held-out templates use would keep its random initial embedding. Varying the wording with
+    words from the whole vocabulary (:func:`filler_words`) teaches the tiny model to answer the
+    request, not the template, so that it still refuses under the held-out split's templates.
+    """
+    from safevlm.data import Turn
+
+    where = record.metadata.get("request_in")
+    phrase = record.metadata.get("phrase") if where in ("text", "image+text") else None
+    if drop <= 0 or where not in ("text", "image", "image+text"):
+        return record
+    turns = list(record.turns)
+    users = [i for i, t in enumerate(turns) if t.role == "user" and (phrase is None or phrase in t.text)]
+    if not users or (where != "image" and phrase is None):
+        return record
+    k = users[-1]
+    text = turns[k].text
+    lead = ""
+    if text.startswith("<image>"):
+        lead, text = "<image>\n", text[len("<image>"):]
+
+    def kept(words: str) -> list[str]:
+        out = []
+        for w in words.split():
+            u = rng.random()
+            if u >= drop:
+                out.append(rng.choice(filler) if filler and u < 2 * drop else w)
+        return out
+
+    if phrase is None:
+        words = kept(text)
+    else:
+        head, _, tail = text.rpartition(phrase)
+        # punctuation touching the phrase ("'forge passports'.") stays with it
+        head, left = re.match(r"(.*?)(\S*)$", head, re.S).groups()
+        right, tail = re.match(r"(\S*)(.*)$", tail, re.S).groups()
+        words = kept(head) + [left + phrase + right] + kept(tail)
+    if not words:
+        return record
+    turns[k] = Turn("user", lead + " ".join(words))
+    return dataclasses.replace(record, turns=turns)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -497,17 +596,21 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "output_dir": str(out / "stage2"),
         "model": {"safety_modules": "train"},
         "lora": {"r": 16, "alpha": 32, "dropout": settings.stage2_lora_dropout, "target_modules": "all-linear"},
-        # Full logits, as this recipe was validated with: a change of float rounding alone (the
-        # supervised-only loss) re-draws this small run's outcome.
-        "loss": {"cls_weight": 1.0, "lm_weight": 1.0, "lm_logits": "full"},
+        # full logits by default, as this recipe was validated with: a change of float rounding
+        # alone (the supervised-only loss) re-draws this small run's outcome
+        "loss": {"cls_weight": 1.0, "lm_weight": 1.0, "lm_logits": settings.lm_logits},
         # More clean samples than in stage 1, so that refusing is learned without over-refusing.
         "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio,
                  "group_by_length": bool(settings.length_window), "length_window": settings.length_window or 50},
         "optim": {"lr": settings.stage2_lr, "epochs": settings.stage2_epochs, "warmup_steps": 20,
                   "batch_size": settings.batch_size // 2, "scheduler": "cosine"},
     })
+    stage2_train = splits["train"]
+    if settings.wording_drop > 0:
+        rng, filler = random.Random(settings.seed + 3), filler_words(processor.tokenizer)
+        stage2_train = [_varied(r, rng, settings, filler) for r in stage2_train]
     stage2 = run_stage(stage2_config, model=model, processor=processor,
-                       train_records=splits["train"], val_records=splits["val"][:128], quiet=not show_progress)
+                       train_records=stage2_train, val_records=splits["val"][:128], quiet=not show_progress)
     model = stage2.model.eval()
 
     banner("6/7 after: the safety-aligned model's answers")
