@@ -122,3 +122,8 @@ def test_the_demo_runs_with_every_recipe_option_on(tmp_path):
     assert saved["prompt_token_dropout"] == 0.5
     assert report["base"]["multimodal_pretraining"]["samples"] == SMALL_DEMO["lm_samples"]
     assert (tmp_path / "stage2" / "adapter" / "lora").is_dir() and report["after"]["n_risky"] > 0
+
+
+def test_an_unknown_lm_logits_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="lm_logits must be 'full' or 'supervised', got 'supervise'"):
+        DemoSettings(lm_logits="supervise")

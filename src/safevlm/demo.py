@@ -96,6 +96,11 @@ class DemoSettings:
         }
     )
 
+    def __post_init__(self):
+        # checked here, not when stage 2 reads it after minutes of pre-training
+        if self.lm_logits not in ("full", "supervised"):
+            raise ValueError(f"lm_logits must be 'full' or 'supervised', got {self.lm_logits!r}")
+
 
 # ------------------------------------------------------------------------------ pre-training
 def _vision_caption(record) -> str:
