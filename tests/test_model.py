@@ -307,8 +307,86 @@ def test_conditioned_prefix_tokens_start_static_and_carry_the_head_state(tiny):
     first0 = int((ids[0] == image_id).nonzero()[0])
     first1 = int((ids[1] == image_id).nonzero()[0])
     assert (embeds[0, first0] - embeds[1, first1]).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="unknown prefix_conditioning 'film'; allowed: head, none"):
+    with pytest.raises(ValueError, match="unknown prefix_conditioning 'film'; allowed: head, decision, none"):
         SafetyConfig(prefix_conditioning="film")
+
+
+def _decision_model(base):
+    torch.manual_seed(0)
+    model = SafeVLM(base, num_prefix_tokens=3, num_query_tokens=4, head_num_heads=4,
+                    prefix_conditioning="decision").eval()
+    with torch.no_grad():
+        model.prefix_tokens.condition.weight.normal_()
+    return model
+
+
+def test_decision_conditioned_prefix_tokens_carry_the_heads_decision(tiny):
+    base, processor = tiny
+    model = _decision_model(base)
+    n_levels, n_types = model.config.num_levels, model.config.num_types
+    assert model.prefix_tokens.condition.in_features == n_levels + n_types
+    inputs = make_inputs(processor, PROMPTS)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        features = model.encode_images(inputs["pixel_values"])
+        embeds, _, _ = model.build_inputs_embeds(ids, mask, features)
+        head = model._head(ids, mask, features)
+        decision = torch.cat([torch.nn.functional.one_hot(head.level_logits.argmax(-1), model.config.num_levels),
+                              torch.nn.functional.one_hot(head.type_logits.argmax(-1), model.config.num_types)],
+                             dim=-1).float()
+        torch.testing.assert_close(model.prefix_state(head.safety_state), decision)
+        # calibration temperatures change the guard's probabilities, not the decision the LLM reads
+        model.safety_head.level_temperature.fill_(3.0)
+        model.safety_head.type_temperature.fill_(0.5)
+        recalibrated, _, _ = model.build_inputs_embeds(ids, mask, features)
+    torch.testing.assert_close(recalibrated, embeds)
+    image_id = model.config.image_token_id
+    for b in range(2):
+        first = int((ids[b] == image_id).nonzero()[0])
+        expected = model.prefix_tokens.embeddings + model.prefix_tokens.condition(decision[b])
+        torch.testing.assert_close(embeds[b, first:first + 3], expected)
+
+
+def test_a_decision_given_for_a_row_replaces_the_heads_for_that_row_only(tiny):
+    base, processor = tiny
+    model = _decision_model(base)
+    n_levels = model.config.num_levels
+    inputs = make_inputs(processor, PROMPTS)
+    level, kind = torch.tensor([-1, 2]), torch.tensor([-1, 1])
+    with torch.no_grad():
+        plain = model(**inputs)
+        swapped = model(**inputs, condition_level=level, condition_type=kind)
+        state = model._head(inputs["input_ids"], inputs["attention_mask"],
+                            model.encode_images(inputs["pixel_values"])).safety_state
+        decision = model.prefix_state(state, level, kind)
+    torch.testing.assert_close(decision[0], model.prefix_state(state)[0])
+    assert decision[1].tolist() == [float(i == 2) for i in range(n_levels)] + [
+        float(i == 1) for i in range(model.config.num_types)]
+    # the head's outputs never change; the LLM reads the given decision in row 1 only
+    torch.testing.assert_close(swapped.type_logits, plain.type_logits)
+    torch.testing.assert_close(swapped.logits[0], plain.logits[0])
+    assert (swapped.logits[1] - plain.logits[1]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"row 1: condition level 9 / type 1 is not a decision"):
+        model(**inputs, condition_level=torch.tensor([-1, 9]), condition_type=kind)
+    with pytest.raises(ValueError, match=r"row 0: condition level 2 / type -1"):
+        model(**inputs, condition_level=torch.tensor([2, -1]), condition_type=torch.tensor([-1, -1]))
+    with pytest.raises(ValueError, match="go together"):
+        model(**inputs, condition_level=level)
+    head_model = SafeVLM(base, num_prefix_tokens=3, num_query_tokens=4, head_num_heads=4).eval()
+    with pytest.raises(ValueError, match="prefix_conditioning='decision'.*this model has prefix_conditioning='head'"):
+        head_model(**inputs, condition_level=level, condition_type=kind)
+    with pytest.raises(ValueError, match="prefix_conditioning='decision'"):
+        head_model(**inputs, compute_lm=False, condition_level=level, condition_type=kind)
+
+
+def test_generate_reuses_the_guard_state_with_decision_conditioning(tiny):
+    base, processor = tiny
+    model = _decision_model(base)
+    inputs = make_inputs(processor, PROMPTS)
+    guard = model.guard(**inputs)
+    reused = model.generate(**inputs, vision_features=guard.vision_features, safety_state=guard.safety_state,
+                            max_new_tokens=4, do_sample=False)
+    assert torch.equal(reused, model.generate(**inputs, max_new_tokens=4, do_sample=False))
 
 
 def test_generate_reuses_the_guard_state_without_a_second_head_pass(tiny):

@@ -19,7 +19,7 @@ from typing import Any
 from safevlm.taxonomy import DEFAULT_LEVEL_NAMES, DEFAULT_TYPE_NAMES, Taxonomy
 
 PROJECTOR_KINDS = ("mlp", "cabstractor")
-PREFIX_CONDITIONING = ("head", "none")
+PREFIX_CONDITIONING = ("head", "decision", "none")
 CONFIG_NAME = "safety_config.json"
 # Training settings that older adapters saved here; now in the recipe (TrainConfig.loss).
 LEGACY_TRAINING_FIELDS = ("cls_loss_weight", "lm_loss_weight")
@@ -69,7 +69,9 @@ class SafetyConfig:
     )
     prefix_conditioning: str = _help(
         "'head': each prefix token also carries a projection of the safety head's state (safety_state), so "
-        "the LLM sees this input's risk (zero-initialised: starts as static tokens); 'none': static "
+        "the LLM sees this input's risk (zero-initialised: starts as static tokens); 'decision': a projection "
+        "of the head's decision itself, the risk level and type it predicts (one-hot), so that the LLM "
+        "can be trained to answer as the head decides (see data.decision_swap_ratio); 'none': static "
         "learned tokens only, as in the paper.",
         default="head",
     )

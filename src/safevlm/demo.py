@@ -79,6 +79,7 @@ class DemoSettings:
     stage2_clean_ratio: float = 1.5  # clean samples per risky sample drawn in stage 2
     stage2_lora_dropout: float = 0.05
     wording_drop: float = 0.0  # > 0: half the requests in pre-training and stage 2 have their wording varied (vary_wording)
+    decision_swap_ratio: float = 0.0  # stage 2: data.decision_swap_ratio (needs safety["prefix_conditioning"] == "decision")
     length_window: int | None = None  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
     eval_samples: int = 300  # held-out samples used for the generation metrics
     max_new_tokens: int = 24
@@ -100,6 +101,8 @@ class DemoSettings:
         # checked here, not when stage 2 reads it after minutes of pre-training
         if self.lm_logits not in ("full", "supervised"):
             raise ValueError(f"lm_logits must be 'full' or 'supervised', got {self.lm_logits!r}")
+        if self.decision_swap_ratio > 0 and self.safety.get("prefix_conditioning") != "decision":
+            raise ValueError("decision_swap_ratio needs safety['prefix_conditioning'] = 'decision'")
 
 
 # ------------------------------------------------------------------------------ pre-training
@@ -606,7 +609,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "loss": {"cls_weight": 1.0, "lm_weight": 1.0, "lm_logits": settings.lm_logits},
         # More clean samples than in stage 1, so that refusing is learned without over-refusing.
         "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio,
-                 "group_by_length": bool(settings.length_window), "length_window": settings.length_window or 50},
+                 "group_by_length": bool(settings.length_window), "length_window": settings.length_window or 50,
+                 "decision_swap_ratio": settings.decision_swap_ratio},
         "optim": {"lr": settings.stage2_lr, "epochs": settings.stage2_epochs, "warmup_steps": 20,
                   "batch_size": settings.batch_size // 2, "scheduler": "cosine"},
     })

@@ -78,7 +78,8 @@ class LanguageInputs:
 class GuardOutput:
     """Outputs of :meth:`SafeVLM.guard`: probabilities (B, num_levels) / (B, num_types), the
     argmax ids (B,), and for reuse in generation the vision features (num_images, N, Dv) and
-    the head's safety_state (B, W) that conditions the prefix tokens."""
+    the head's safety_state (B, W) that conditions the prefix tokens (through
+    :meth:`SafeVLM.prefix_state`)."""
 
     level_logits: torch.Tensor
     type_logits: torch.Tensor
@@ -260,6 +261,58 @@ class SafeVLM(nn.Module):
     def safety_projector_dtype(self):
         return next(self.safety_projector.parameters()).dtype
 
+    def prefix_state(self, safety_state, condition_level=None, condition_type=None):
+        """What conditions the prefix tokens, from the head's ``safety_state`` (B, W): the state
+        itself (``prefix_conditioning="head"``), or the head's decision (``"decision"``): the
+        risk level and the risk type it predicts, one-hot side by side (B, num_levels +
+        num_types); the same with or without calibration temperatures, which keep the argmax.
+        None for static prefix tokens.
+
+        ``condition_level`` / ``condition_type`` (B,) ("decision" only): rows holding a level and
+        a type (not -1) get that decision, one-hot, instead of the head's; the decision swaps of
+        stage 2 (``data.decision_swap_ratio``) train the LLM on them.
+        """
+        mode = self.config.prefix_conditioning
+        override = condition_level is not None or condition_type is not None
+        if override and (mode != "decision" or not self.prefix_tokens.conditioned):
+            raise ValueError(
+                "condition_level / condition_type need prefix tokens conditioned on the head's decision "
+                f"(prefix_conditioning='decision', num_prefix_tokens > 0); this model has "
+                f"prefix_conditioning={mode!r}, num_prefix_tokens={self.config.num_prefix_tokens}"
+            )
+        if not self.prefix_tokens.conditioned or safety_state is None:
+            return None
+        if mode == "head":
+            return safety_state
+        head = self.safety_head
+        state = safety_state.to(head.level_classifier.weight.dtype)
+        level = head.level_classifier(state).argmax(dim=-1)
+        kind = head.type_classifier(state).argmax(dim=-1)
+        if override:
+            level, kind = self._decision_override(condition_level, condition_type, level, kind)
+        return torch.cat([torch.nn.functional.one_hot(level, self.config.num_levels),
+                          torch.nn.functional.one_hot(kind, self.config.num_types)], dim=-1).to(state.dtype)
+
+    def _decision_override(self, condition_level, condition_type, level, kind):
+        """(level, type) (B,) with the rows that ``condition_level`` / ``condition_type`` give
+        (not -1) put in place of the head's, after checking the ids (:meth:`prefix_state`)."""
+        if condition_level is None or condition_type is None:
+            raise ValueError("condition_level and condition_type go together: got only one of them")
+        want_level = condition_level.to(level.device).long()
+        want_type = condition_type.to(level.device).long()
+        if want_level.shape != level.shape or want_type.shape != level.shape:
+            raise ValueError(f"condition_level / condition_type must be ({level.shape[0]},), got "
+                             f"{tuple(want_level.shape)} / {tuple(want_type.shape)}")
+        rows = want_level >= 0
+        n_levels, n_types = self.config.num_levels, self.config.num_types
+        bad = ((rows != (want_type >= 0)) | (want_level < -1) | (want_level >= n_levels) | (want_type < -1)
+               | (want_type >= n_types))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"row {i}: condition level {int(want_level[i])} / type {int(want_type[i])} is not a "
+                             f"decision (levels 0..{n_levels - 1}, types 0..{n_types - 1}, or -1 for both: the head's own)")
+        return torch.where(rows, want_level, level), torch.where(rows, want_type, kind)
+
     def build_inputs_embeds(
         self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, safety_state=None
     ):
@@ -267,8 +320,9 @@ class SafeVLM(nn.Module):
         image token (or the first attended token when there is no image; the backbone's
         ``prefix_anchor`` says where).
 
-        ``safety_state`` (B, W) is the head's safety_state for conditioned prefix tokens; when it
-        is needed and not given, the head is run here (no second vision pass).
+        ``safety_state`` (B, W) is the head's safety_state for conditioned prefix tokens (what
+        conditions them is :meth:`prefix_state` of it); when it is needed and not given, the head
+        is run here (no second vision pass).
 
         Returns (inputs_embeds (B, L+P, D), attention_mask (B, L+P), labels (B, L+P) or None).
         """
@@ -276,11 +330,13 @@ class SafeVLM(nn.Module):
         return llm.inputs_embeds, llm.attention_mask, llm.labels
 
     def language_inputs(
-        self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, safety_state=None
+        self, input_ids, attention_mask, vision_features, labels=None, token_embeds=None, safety_state=None,
+        prefix_state=None,
     ) -> LanguageInputs:
         """:meth:`build_inputs_embeds` plus the LLM-side input ids (``PREFIX_TOKEN_ID`` at the
         prefix tokens) and the positions the backbone derives from them (M-RoPE families read
-        where the image tokens sit)."""
+        where the image tokens sit). ``prefix_state``: what conditions the prefix tokens, already
+        made (:meth:`prefix_state`); it takes the place of ``safety_state``."""
         self._require_language_model("build_inputs_embeds")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -289,9 +345,11 @@ class SafeVLM(nn.Module):
         if vision_features is not None:
             embeds = self.backbone.scatter_image_embeds(embeds, image_mask, vision_features)
         anchor = self.backbone.prefix_anchor(input_ids, image_mask, attention_mask)
-        if self.prefix_tokens.conditioned and safety_state is None:
-            safety_state = self._head(input_ids, attention_mask, vision_features, labels).safety_state
-        embeds, mask, labels = self.prefix_tokens.insert(embeds, attention_mask, anchor, labels, safety_state)
+        if self.prefix_tokens.conditioned and prefix_state is None:
+            if safety_state is None:
+                safety_state = self._head(input_ids, attention_mask, vision_features, labels).safety_state
+            prefix_state = self.prefix_state(safety_state)
+        embeds, mask, labels = self.prefix_tokens.insert(embeds, attention_mask, anchor, labels, prefix_state)
         llm_ids = self.prefix_tokens.insert_ids(input_ids, anchor, PREFIX_TOKEN_ID)
         positions = self.backbone.positions(llm_ids, mask, vision_features)
         return LanguageInputs(embeds, mask, labels, llm_ids, positions)
@@ -318,6 +376,8 @@ class SafeVLM(nn.Module):
         compute_lm: bool = True,
         prompt_mask: torch.Tensor | None = None,
         return_logits: bool = True,
+        condition_level: torch.LongTensor | None = None,
+        condition_type: torch.LongTensor | None = None,
         **unused,
     ) -> SafeVLMOutput:
         """LM logits, risk logits and the loss components.
@@ -328,7 +388,9 @@ class SafeVLM(nn.Module):
         vision_features from :meth:`encode_images`,
         attention_mask (B, L), labels (B, L) with -100 for unsupervised tokens, risk_level (B,),
         risk_type (B,), prompt_mask (B, L) from the collator (the tokens the head reads; see
-        :meth:`prompt_mask`). ``compute_lm=False`` skips the language model (no logits, no lm_loss):
+        :meth:`prompt_mask`), condition_level / condition_type (B,) decisions that condition the
+        prefix tokens in place of the head's (-1: the head's own; see :meth:`prefix_state`).
+        ``compute_lm=False`` skips the language model (no logits, no lm_loss):
         the head alone, as stage-1 training without an LM loss needs. ``return_logits=False``
         (what training passes) returns no LM logits: ``lm_loss`` is then computed with the LM
         head at the supervised tokens only (the same value, less compute).
@@ -358,8 +420,11 @@ class SafeVLM(nn.Module):
         if compute_lm:
             # The LM loss trains the prefix tokens but never moves the head: detached, the head
             # stays a classifier trained by the classification loss alone.
+            with torch.no_grad():
+                state = self.prefix_state(head.safety_state, condition_level, condition_type)
+            state = state.detach() if state is not None else None
             llm = self.language_inputs(
-                input_ids, attention_mask, vision_features, labels, token_embeds, head.safety_state.detach()
+                input_ids, attention_mask, vision_features, labels, token_embeds, prefix_state=state
             )
             if return_logits:
                 out.logits = self.backbone.language_forward(llm.inputs_embeds, llm.attention_mask, llm.positions)
@@ -367,6 +432,8 @@ class SafeVLM(nn.Module):
                     out.lm_loss = causal_lm_loss(out.logits, llm.labels)
             elif llm.labels is not None:
                 out.lm_loss = self.backbone.language_loss(llm.inputs_embeds, llm.attention_mask, llm.positions, llm.labels)
+        elif condition_level is not None or condition_type is not None:
+            self.prefix_state(None, condition_level, condition_type)  # the same checks with or without the LM
         parts = [x for x in (out.level_loss, out.type_loss, out.lm_loss) if x is not None]
         if parts:
             out.loss = sum(parts)

@@ -39,6 +39,23 @@ from safevlm.data.records import SafetyRecord
 
 IGNORE_INDEX = -100
 TRAIN_ON: tuple[str, ...] = ("assistant", "last_assistant")
+# metadata key of a decision swap: [risk level, risk type] that condition the prefix tokens
+# in place of the head's decision (safevlm.train.swaps)
+PREFIX_DECISION_KEY = "prefix_decision"
+
+
+def decision_tensors(records: Sequence[SafetyRecord]) -> dict:
+    """``condition_level`` / ``condition_type`` (B,) long for a batch in which any record is a
+    decision swap (``metadata[PREFIX_DECISION_KEY]`` = [level, type]), -1 for the others (the
+    head's own decision); ``{}`` when none is."""
+    import torch
+
+    decisions = [r.metadata.get(PREFIX_DECISION_KEY) for r in records]
+    if all(d is None for d in decisions):
+        return {}
+    levels, types = zip(*[(-1, -1) if d is None else (int(d[0]), int(d[1])) for d in decisions])
+    return {"condition_level": torch.tensor(levels, dtype=torch.long),
+            "condition_type": torch.tensor(types, dtype=torch.long)}
 
 
 class SafetyCollator:
@@ -67,7 +84,9 @@ class SafetyCollator:
       order (absent when no record in the batch has an image); anyres families:
       ``(N_img, tiles, 3, H, W)`` and the processor's other image tensors beside it
       (``image_sizes`` ``(N_img, 2)``);
-    * ``risk_level``, ``risk_type``: ``(B,)`` long.
+    * ``risk_level``, ``risk_type``: ``(B,)`` long;
+    * ``condition_level``, ``condition_type``: ``(B,)`` long, only in a batch holding a decision
+      swap (:func:`decision_tensors`).
     """
 
     def __init__(
@@ -176,9 +195,10 @@ class SafetyCollator:
             "risk_level": torch.tensor([r.risk_level for r in records], dtype=torch.long),
             "risk_type": torch.tensor([r.risk_type for r in records], dtype=torch.long),
         }
+        batch.update(decision_tensors(records))
         if image_inputs is not None:
             batch.update(image_inputs.tensors)  # pixel_values (+ image_sizes, ...)
         return batch
 
 
-__all__ = ["IGNORE_INDEX", "SafetyCollator", "TRAIN_ON"]
+__all__ = ["IGNORE_INDEX", "PREFIX_DECISION_KEY", "SafetyCollator", "TRAIN_ON", "decision_tensors"]

@@ -17,8 +17,10 @@ class PrefixSafetyTokens(nn.Module):
 
     With ``prefix_conditioning="head"`` every prefix token also gets ``condition(safety_state)``, a
     projection of the safety head's state (B, W) -> (B, D), so the LLM can condition on
-    this input's risk. The projection starts at zero: an untrained model behaves exactly like
-    static prefix tokens.
+    this input's risk; with ``"decision"`` the projection reads the head's decision, the level
+    and type it predicts, one-hot side by side (B, num_levels + num_types) (see
+    :meth:`safevlm.model.SafeVLM.prefix_state`). The projection starts at zero: an untrained
+    model behaves exactly like static prefix tokens.
     """
 
     def __init__(self, config: SafetyConfig, init_std: float = 0.02):
@@ -26,8 +28,9 @@ class PrefixSafetyTokens(nn.Module):
         self.num_tokens = config.num_prefix_tokens
         self.embeddings = nn.Parameter(torch.randn(config.num_prefix_tokens, config.text_hidden_size) * init_std)
         self.condition = None
-        if config.prefix_conditioning == "head" and config.num_prefix_tokens > 0:
-            self.condition = nn.Linear(config.head_hidden_size, config.text_hidden_size)
+        if config.prefix_conditioning != "none" and config.num_prefix_tokens > 0:
+            width = config.head_hidden_size if config.prefix_conditioning == "head" else config.num_levels + config.num_types
+            self.condition = nn.Linear(width, config.text_hidden_size)
             nn.init.zeros_(self.condition.weight)
             nn.init.zeros_(self.condition.bias)
 
@@ -64,7 +67,8 @@ class PrefixSafetyTokens(nn.Module):
         """Insert the P tokens at position ``anchor[b]`` of each sample b.
 
         inputs_embeds (B, L, D), attention_mask (B, L), anchor (B,), labels (B, L),
-        safety_state (B, W) the head's safety_state (needed when conditioned) ->
+        safety_state (B, W) the state that conditions the tokens (needed when conditioned:
+        :meth:`safevlm.model.SafeVLM.prefix_state`) ->
         embeds (B, L+P, D), mask (B, L+P), labels (B, L+P) with -100 at the prefix.
         """
         p = self.num_tokens
@@ -76,7 +80,7 @@ class PrefixSafetyTokens(nn.Module):
         prefix = self.embeddings.to(inputs_embeds.dtype)[prefix_index]
         if self.condition is not None:
             if safety_state is None:
-                raise ValueError("conditioned prefix tokens need the safety head's safety_state")
+                raise ValueError("conditioned prefix tokens need the safety head's state (SafeVLM.prefix_state)")
             prefix = prefix + self.condition(safety_state.to(self.condition.weight.dtype)).to(prefix.dtype).unsqueeze(1)
         embeds = torch.where(in_prefix.unsqueeze(-1), prefix, gathered)
         mask = torch.where(in_prefix, torch.ones_like(src), torch.gather(attention_mask.long(), 1, src))

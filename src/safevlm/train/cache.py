@@ -445,6 +445,8 @@ class CachedFeatureCollator:
         return len(self._encode(record)[0])
 
     def __call__(self, records: list) -> dict:
+        from safevlm.data.collator import decision_tensors
+
         if not records:
             raise ValueError("cannot collate an empty batch")
         missing = [r.id for r in records if r.id not in self.keys]
@@ -472,6 +474,7 @@ class CachedFeatureCollator:
             "risk_level": torch.tensor([r.risk_level for r in records], dtype=torch.long),
             "risk_type": torch.tensor([r.risk_type for r in records], dtype=torch.long),
             "vision_features": self.cache.get_batch([self.keys[r.id] for r in records]),
+            **decision_tensors(records),
         }
 
 

@@ -188,6 +188,14 @@ class DataSection:
         "A small window (2-4) keeps every batch a random mix of the data and still cuts most padding.",
         default=50,
     )
+    decision_swap_ratio: float = _help(
+        "Stage 2 with prefix_conditioning 'decision': this share of the safe training records (those "
+        "ending with an answer) is added again as a decision swap: the prefix tokens carry a risky "
+        "record's decision (its risk level and type) and the answer is that record's answer; the head "
+        "still learns the safe label. The LLM learns to answer as the head decides, not by the "
+        "prompt's wording (safevlm.train.swaps). 0: none.",
+        default=0.0,
+    )
     synthetic: SyntheticSection | None = _help(
         "Generate a synthetic dataset (safevlm.data.synth) and use its train/val splits.", default=None
     )
@@ -205,6 +213,8 @@ class DataSection:
             raise ConfigError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
         if self.length_window < 1:
             raise ConfigError(f"data.length_window must be >= 1 (batches sorted together), got {self.length_window}")
+        if not 0.0 <= self.decision_swap_ratio <= 1.0:
+            raise ConfigError(f"data.decision_swap_ratio must be in [0, 1], got {self.decision_swap_ratio}")
 
 
 @dataclass
@@ -321,6 +331,9 @@ class TrainConfig:
                 raise ConfigError("stage 2 trains the language model: loss.lm_weight must be > 0")
             if self.model.safety_modules == "frozen" and self.loss.lm_weight == 0:
                 raise ConfigError("nothing to train")
+        if self.data.decision_swap_ratio > 0 and (self.stage != 2 or self.loss.lm_weight == 0):
+            raise ConfigError("data.decision_swap_ratio trains the language model on the head's decision: "
+                              "stage 2 with loss.lm_weight > 0 only")
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod

@@ -398,6 +398,18 @@ def run_stage(
     else:
         image_root = config.data.image_root
     val_records = list(val_records or [])
+    if config.data.decision_swap_ratio > 0:
+        from safevlm.train.swaps import decision_swaps
+
+        if model.config.prefix_conditioning != "decision" or not model.prefix_tokens.conditioned:
+            raise ConfigError(
+                "data.decision_swap_ratio needs prefix tokens conditioned on the head's decision: build the model "
+                f"with safety prefix_conditioning: decision (this one has {model.config.prefix_conditioning!r}, "
+                f"{model.config.num_prefix_tokens} prefix tokens)"
+            )
+        swaps = decision_swaps(train_records, config.data.decision_swap_ratio, config.seed)
+        logger.info("decision swaps: %d added to %d training records", len(swaps), len(train_records))
+        train_records = list(train_records) + swaps
     if not val_records and args.eval_strategy != "no":
         args = training_arguments(config, has_val=False, quiet=quiet)
     collator = SafetyCollator(
