@@ -331,9 +331,9 @@ def test_decision_conditioned_prefix_tokens_carry_the_heads_decision(tiny):
         features = model.encode_images(inputs["pixel_values"])
         embeds, _, _ = model.build_inputs_embeds(ids, mask, features)
         head = model._head(ids, mask, features)
-        decision = torch.cat([torch.nn.functional.one_hot(head.level_logits.argmax(-1), model.config.num_levels),
-                              torch.nn.functional.one_hot(head.type_logits.argmax(-1), model.config.num_types)],
-                             dim=-1).float()
+        level, kind = model._decide(head.level_logits, head.type_logits)
+        decision = torch.cat([torch.nn.functional.one_hot(level, model.config.num_levels),
+                              torch.nn.functional.one_hot(kind, model.config.num_types)], dim=-1).float()
         torch.testing.assert_close(model.prefix_state(head.safety_state), decision)
         # calibration temperatures change the guard's probabilities, not the decision the LLM reads
         model.safety_head.level_temperature.fill_(3.0)
@@ -345,6 +345,34 @@ def test_decision_conditioned_prefix_tokens_carry_the_heads_decision(tiny):
         first = int((ids[b] == image_id).nonzero()[0])
         expected = model.prefix_tokens.embeddings + model.prefix_tokens.condition(decision[b])
         torch.testing.assert_close(embeds[b, first:first + 3], expected)
+
+
+def test_the_decision_is_risky_when_the_two_classifiers_mean_safe_probability_is_below_half(tiny):
+    base, _ = tiny
+    model = _decision_model(base)
+    safe = model.config.taxonomy.safe_type_id
+    n_types = model.config.num_types
+
+    def type_probs(p_safe, risky_type):
+        rest = (1 - p_safe) / (n_types - 1)
+        probs = [rest] * n_types
+        probs[safe] = p_safe
+        probs[risky_type] += 0.01
+        probs[(risky_type + 1) % n_types if (risky_type + 1) % n_types != safe else (risky_type + 2) % n_types] -= 0.01
+        return probs
+
+    level_probs = torch.tensor([
+        [0.40, 0.30, 0.29, 0.01],  # argmax safe, mean safe 0.35: risky, the likeliest risky level (1)
+        [0.40, 0.30, 0.29, 0.01],  # level argmax safe, type says safe: mean 0.55, safe
+        [0.30, 0.05, 0.05, 0.60],  # both say risky: level 3
+        [0.90, 0.04, 0.03, 0.03],  # both say safe
+    ])
+    risky_type = 0 if safe != 0 else 1
+    types = torch.tensor([type_probs(0.30, risky_type), type_probs(0.70, risky_type), type_probs(0.10, risky_type),
+                          type_probs(0.95, risky_type)])
+    level, kind = model._decide(level_probs.log(), types.log())
+    assert level.tolist() == [1, 0, 3, 0]
+    assert kind.tolist() == [risky_type, safe, risky_type, safe]
 
 
 def test_a_decision_given_for_a_row_replaces_the_heads_for_that_row_only(tiny):

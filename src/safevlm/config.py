@@ -70,7 +70,7 @@ class SafetyConfig:
     prefix_conditioning: str = _help(
         "'head': each prefix token also carries a projection of the safety head's state (safety_state), so "
         "the LLM sees this input's risk (zero-initialised: starts as static tokens); 'decision': a projection "
-        "of the head's decision itself, the risk level and type it predicts (one-hot), so that the LLM "
+        "of the head's decision itself, a risk level and type (one-hot; SafeVLM.prefix_state), so that the LLM "
         "can be trained to answer as the head decides (see data.decision_swap_ratio); 'none': static "
         "learned tokens only, as in the paper.",
         default="head",

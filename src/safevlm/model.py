@@ -263,10 +263,13 @@ class SafeVLM(nn.Module):
 
     def prefix_state(self, safety_state, condition_level=None, condition_type=None):
         """What conditions the prefix tokens, from the head's ``safety_state`` (B, W): the state
-        itself (``prefix_conditioning="head"``), or the head's decision (``"decision"``): the
-        risk level and the risk type it predicts, one-hot side by side (B, num_levels +
-        num_types); the same with or without calibration temperatures, which keep the argmax.
-        None for static prefix tokens.
+        itself (``prefix_conditioning="head"``), or the head's decision (``"decision"``): a risk
+        level and a risk type, one-hot side by side (B, num_levels + num_types). Both of the head's
+        classifiers say whether the input is safe (level 0, the safe type); the decision is risky
+        when the mean of their safe probabilities is below 1/2, and then takes the likeliest
+        risky level and risky type (else: level 0, the safe type), so it is never half safe. The
+        probabilities are the softmax of the logits, without calibration temperatures (calibrating
+        the head does not change what the LLM reads). None for static prefix tokens.
 
         ``condition_level`` / ``condition_type`` (B,) ("decision" only): rows holding a level and
         a type (not -1) get that decision, one-hot, instead of the head's; the decision swaps of
@@ -286,12 +289,22 @@ class SafeVLM(nn.Module):
             return safety_state
         head = self.safety_head
         state = safety_state.to(head.level_classifier.weight.dtype)
-        level = head.level_classifier(state).argmax(dim=-1)
-        kind = head.type_classifier(state).argmax(dim=-1)
+        level, kind = self._decide(head.level_classifier(state).float(), head.type_classifier(state).float())
         if override:
             level, kind = self._decision_override(condition_level, condition_type, level, kind)
         return torch.cat([torch.nn.functional.one_hot(level, self.config.num_levels),
                           torch.nn.functional.one_hot(kind, self.config.num_types)], dim=-1).to(state.dtype)
+
+    def _decide(self, level_logits, type_logits):
+        """(level, type) (B,) of the decision :meth:`prefix_state` describes."""
+        safe_type = self.config.taxonomy.safe_type_id
+        level_probs, type_probs = level_logits.softmax(dim=-1), type_logits.softmax(dim=-1)
+        risky = (level_probs[:, 0] + type_probs[:, safe_type]) / 2 < 0.5
+        risky_level = 1 + level_logits[:, 1:].argmax(dim=-1)
+        risky_type = type_logits.masked_fill(
+            torch.arange(type_logits.shape[-1], device=type_logits.device) == safe_type, float("-inf")).argmax(dim=-1)
+        return (torch.where(risky, risky_level, torch.zeros_like(risky_level)),
+                torch.where(risky, risky_type, torch.full_like(risky_type, safe_type)))
 
     def _decision_override(self, condition_level, condition_type, level, kind):
         """(level, type) (B,) with the rows that ``condition_level`` / ``condition_type`` give

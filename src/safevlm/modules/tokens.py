@@ -17,8 +17,8 @@ class PrefixSafetyTokens(nn.Module):
 
     With ``prefix_conditioning="head"`` every prefix token also gets ``condition(safety_state)``, a
     projection of the safety head's state (B, W) -> (B, D), so the LLM can condition on
-    this input's risk; with ``"decision"`` the projection reads the head's decision, the level
-    and type it predicts, one-hot side by side (B, num_levels + num_types) (see
+    this input's risk; with ``"decision"`` the projection reads the head's decision, a level
+    and a type, one-hot side by side (B, num_levels + num_types) (see
     :meth:`safevlm.model.SafeVLM.prefix_state`). The projection starts at zero: an untrained
     model behaves exactly like static prefix tokens.
     """
