@@ -107,23 +107,63 @@ def test_filler_replaces_about_the_drop_share_and_keeps_the_request():
     assert abs(removed / (300 * others) - 0.25) < 0.04
 
 
-def test_the_demo_runs_with_every_recipe_option_on(tmp_path):
+def test_the_demo_runs_with_every_recipe_option_off(tmp_path):
+    """The default recipe turns every robustness option on (test_train_quiet runs it small);
+    each can be turned off: the plain recipe of earlier versions still runs end to end."""
     from test_train_quiet import SMALL_DEMO
 
     from safevlm.demo import run_demo
 
-    options = {"wording_drop": 0.25, "lm_benign_text_repeat": 3, "length_window": 2, "lm_logits": "supervised",
-               "vision_batch_size": 16}
-    safety = {**DemoSettings().safety, "prompt_token_dropout": 0.5}
+    options = {"wording_drop": 0.0, "lm_benign_text_repeat": 1, "length_window": None, "lm_logits": "full",
+               "vision_batch_size": 16, "decision_swap_ratio": 0.0}
+    safety = {**DemoSettings().safety, "prompt_token_dropout": 0.0, "prefix_conditioning": "head"}
     report = run_demo(tmp_path, DemoSettings(**SMALL_DEMO, **options, safety=safety), show_progress=False)
     assert {k: report["settings"][k] for k in options} == options
-    assert report["settings"]["safety"]["prompt_token_dropout"] == 0.5
     saved = json.loads((tmp_path / "stage2" / "adapter" / "safety_config.json").read_text())
-    assert saved["prompt_token_dropout"] == 0.5
+    assert (saved["prompt_token_dropout"], saved["prefix_conditioning"]) == (0.0, "head")
     assert report["base"]["multimodal_pretraining"]["samples"] == SMALL_DEMO["lm_samples"]
     assert (tmp_path / "stage2" / "adapter" / "lora").is_dir() and report["after"]["n_risky"] > 0
+
+
+def test_decision_swaps_without_decision_conditioning_are_refused_before_anything_runs():
+    safety = {**DemoSettings().safety, "prefix_conditioning": "head"}
+    with pytest.raises(ValueError, match=r"decision_swap_ratio needs safety\['prefix_conditioning'\] = 'decision'"):
+        DemoSettings(safety=safety)
+    assert DemoSettings(safety=safety, decision_swap_ratio=0.0).decision_swap_ratio == 0.0
 
 
 def test_an_unknown_lm_logits_is_refused_before_anything_runs():
     with pytest.raises(ValueError, match="lm_logits must be 'full' or 'supervised', got 'supervise'"):
         DemoSettings(lm_logits="supervise")
+
+
+def test_the_vision_pool_rendered_by_a_worker_is_the_pool_rendered_here(monkeypatch):
+    import numpy as np
+
+    import safevlm.demo
+    from safevlm.demo import CaptionPoolRender, _render_caption_pool
+
+    settings = DemoSettings(vision_images=40, seed=3)
+    here_images, here_captions = _render_caption_pool(40, 4, 48)
+    small = CaptionPoolRender(settings, 48)  # below POOL_WORKER_MIN_IMAGES: no worker
+    assert small._proc is None
+    monkeypatch.setattr(safevlm.demo, "POOL_WORKER_MIN_IMAGES", 1)
+    worker = CaptionPoolRender(settings, 48)
+    assert worker._proc is not None
+    for images, captions in (worker.result(), small.result()):
+        assert captions == here_captions
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, here_images))
+        assert len(images) == 40 and {im.mode for im in images} == {"RGB"}
+    assert worker._proc is None and worker._dir is None  # the worker is gone and its files deleted once the pool is in
+
+
+def test_a_failing_pool_worker_says_why(monkeypatch):
+    import safevlm.demo
+    from safevlm.demo import CaptionPoolRender
+
+    monkeypatch.setattr(safevlm.demo, "POOL_WORKER_MIN_IMAGES", 1)
+    monkeypatch.setattr(safevlm.demo, "_WORKER_CODE", "raise SystemExit('no fonts here')")
+    worker = CaptionPoolRender(DemoSettings(vision_images=4), 48)
+    with pytest.raises(RuntimeError, match=r"(?s)failed \(exit 1\):.*no fonts here"):
+        worker.result()
+    assert worker._dir is None

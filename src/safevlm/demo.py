@@ -54,33 +54,36 @@ CAPTION_PROMPT = "What does the image say?"
 
 @dataclass
 class DemoSettings:
-    """Sizes of each step (defaults: the full demo, about a quarter of an hour on 2 CPU cores).
+    """Sizes of each step (defaults: the full demo, under 10 minutes on 2 CPU cores).
 
-    ``wording_drop``, ``lm_benign_text_repeat``, ``length_window`` and
-    ``safety["prompt_token_dropout"]`` are off and ``lm_logits`` is ``"full"`` by default: the
-    recipe the demo's thresholds were validated with (see :func:`vary_wording`)."""
+    The default recipe lets the held-out split's unseen prompt templates change neither what
+    the head decides nor what the model does with the decision: the head does not see half the
+    prompt tokens in training (``safety["prompt_token_dropout"]``), a quarter of the words of
+    half the requests are varied (``wording_drop``, :func:`vary_wording`), and the prefix tokens
+    carry the head's decision, which stage 2 teaches the model to follow with decision swaps
+    (``safety["prefix_conditioning"] = "decision"``, ``decision_swap_ratio``)."""
 
     seed: int = 0
     n_samples: int = 5000  # synthetic safety samples, all splits
     vision_images: int = 8000  # freshly rendered images for vision pre-training
-    vision_epochs: int = 5
+    vision_epochs: int = 4
     vision_lr: float = 3e-3
-    vision_batch_size: int = 64
-    lm_samples: int = 3200  # multimodal pre-training samples (captions, benign QA, text-side alignment)
+    vision_batch_size: int = 32
+    lm_samples: int = 2400  # multimodal pre-training samples (captions, benign QA, text-side alignment)
     lm_epochs: int = 2
-    lm_benign_text_repeat: int = 1  # each benign text request this many times in multimodal pre-training
-    lm_logits: str = "full"  # multimodal pre-training and stage 2: LM head at every token ("full") or the supervised ones
+    lm_benign_text_repeat: int = 5  # each benign text request this many times in multimodal pre-training
+    lm_logits: str = "supervised"  # multimodal pre-training and stage 2: LM head at every token ("full") or the supervised ones
     lm_lr: float = 1e-3
-    stage1_epochs: int = 8
-    stage1_lr: float = 2e-3
+    stage1_epochs: int = 7
+    stage1_lr: float = 3e-3
     stage2_epochs: int = 2
-    stage2_samples: int = 3000
+    stage2_samples: int = 1800
     stage2_lr: float = 1e-3
     stage2_clean_ratio: float = 1.5  # clean samples per risky sample drawn in stage 2
-    stage2_lora_dropout: float = 0.05
-    wording_drop: float = 0.0  # > 0: half the requests in pre-training and stage 2 have their wording varied (vary_wording)
-    decision_swap_ratio: float = 0.0  # stage 2: data.decision_swap_ratio (needs safety["prefix_conditioning"] == "decision")
-    length_window: int | None = None  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
+    stage2_lora_dropout: float = 0.0
+    wording_drop: float = 0.25  # > 0: half the requests in pre-training and stage 2 have their wording varied (vary_wording)
+    decision_swap_ratio: float = 0.3  # stage 2: data.decision_swap_ratio (needs safety["prefix_conditioning"] == "decision")
+    length_window: int | None = 8  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
     eval_samples: int = 300  # held-out samples used for the generation metrics
     max_new_tokens: int = 24
     batch_size: int = 32
@@ -94,6 +97,8 @@ class DemoSettings:
             "head_num_heads": 4,
             "head_num_layers": 1,
             "dropout": 0.3,
+            "prompt_token_dropout": 0.5,
+            "prefix_conditioning": "decision",
         }
     )
 
@@ -147,9 +152,78 @@ def _render_caption_pool(n: int, seed: int, size: int):
     return images, captions
 
 
-def pretrain_vision(base, processor, settings: DemoSettings, progress) -> dict:
+def _write_caption_pool(n: int, seed: int, size: int, folder: str) -> None:
+    """:func:`_render_caption_pool` into ``folder``: ``pool.npy`` (uint8 (n, size, size, 3)) and
+    ``captions.json``: what the worker of :class:`CaptionPoolRender` writes."""
+    import numpy as np
+
+    images, captions = _render_caption_pool(n, seed, size)
+    np.save(Path(folder) / "pool.npy", np.stack([np.asarray(image.convert("RGB")) for image in images]))
+    (Path(folder) / "captions.json").write_text(json.dumps(captions))
+
+
+# below this many images the pool is rendered in the main process (a worker costs a second to start)
+POOL_WORKER_MIN_IMAGES = 1000
+_WORKER_CODE = "import sys; from safevlm.demo import _write_caption_pool as w; w(*map(int, sys.argv[1:4]), sys.argv[4])"
+
+
+class CaptionPoolRender:
+    """The vision pre-training pool, rendered by a worker process (a fresh interpreter) while the
+    main process renders the synthetic dataset: rendering is single-threaded Python, so on 2
+    cores the two overlap. :meth:`result` gives the same images and captions as
+    :func:`_render_caption_pool`, worker or not; a pool under ``POOL_WORKER_MIN_IMAGES`` images
+    is rendered in the main process when asked for."""
+
+    def __init__(self, settings: DemoSettings, size: int):
+        self.args = (settings.vision_images, settings.seed + 1, size)
+        self._proc = self._dir = None
+        if settings.vision_images >= POOL_WORKER_MIN_IMAGES:
+            import os
+            import subprocess
+            import sys
+            import tempfile
+
+            self._dir = tempfile.mkdtemp(prefix="safevlm-pool-")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            self._proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, *map(str, self.args), self._dir],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    def result(self):
+        """(images (PIL, RGB), captions)."""
+        if self._proc is None:
+            return _render_caption_pool(*self.args)
+        import numpy as np
+        from PIL import Image
+
+        try:
+            _, err = self._proc.communicate()
+            if self._proc.returncode != 0:
+                tail = err.decode(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"the worker rendering the vision pre-training images failed (exit "
+                                   f"{self._proc.returncode}):\n" + "\n".join(tail))
+            arrays = np.load(Path(self._dir) / "pool.npy")
+            captions = json.loads((Path(self._dir) / "captions.json").read_text())
+        finally:
+            self.close()
+        return [Image.fromarray(a) for a in arrays], captions
+
+    def close(self):
+        """Stop the worker if it still runs and delete its files."""
+        import shutil
+
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def pretrain_vision(base, processor, settings: DemoSettings, progress, pool: CaptionPoolRender | None = None) -> dict:
     """CLIP analogue: train the vision tower to recognise each image's caption (cross-entropy
-    over the caption set) from its selected-layer features, on freshly rendered images."""
+    over the caption set) from its selected-layer features, on freshly rendered images
+    (``pool``: the images, rendered ahead in the background; None: rendered here)."""
     import torch
 
     from safevlm.backbones import get_backbone
@@ -158,7 +232,10 @@ def pretrain_vision(base, processor, settings: DemoSettings, progress) -> dict:
     backbone = get_backbone(base)
     set_trainable(base, {"vision_tower"})
     size = processor.image_processor.crop_size["height"]
-    images, captions = _render_caption_pool(settings.vision_images, settings.seed + 1, size)
+    if pool is not None:
+        images, captions = pool.result()
+    else:
+        images, captions = _render_caption_pool(settings.vision_images, settings.seed + 1, size)
     vocab = sorted(set(captions))
     index = {c: i for i, c in enumerate(vocab)}
     pixels = torch.cat([
@@ -551,13 +628,17 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
     base, processor = load_base(f"tiny:default@{settings.seed}", dtype="float32", device="cpu")
     data_dir = out / "data"
     size = processor.image_processor.crop_size["height"]
-    make_synthetic_dataset(data_dir, settings.n_samples, settings.seed, image_size=size, font_variety=1)
-    splits = {s: load_records(data_dir / f"{s}.jsonl", image_root=data_dir, check_images=False).records
-              for s in ("train", "val", "test")}
-    test_subset = _eval_subset(splits["test"], settings.eval_samples, settings.seed)
+    pool = CaptionPoolRender(settings, size)  # the vision pre-training images, rendered meanwhile
+    try:
+        make_synthetic_dataset(data_dir, settings.n_samples, settings.seed, image_size=size, font_variety=1)
+        splits = {s: load_records(data_dir / f"{s}.jsonl", image_root=data_dir, check_images=False).records
+                  for s in ("train", "val", "test")}
+        test_subset = _eval_subset(splits["test"], settings.eval_samples, settings.seed)
 
-    banner("2/7 base pre-training (vision, then multimodal)")
-    vision_info = pretrain_vision(base, processor, settings, progress)
+        banner("2/7 base pre-training (vision, then multimodal)")
+        vision_info = pretrain_vision(base, processor, settings, progress, pool)
+    finally:
+        pool.close()
     lm_info = pretrain_language(base, processor, splits["train"], data_dir, settings, progress)
     base_params = sum(p.numel() for p in base.parameters())
     with quiet_loading():  # no "Writing model shards" bar (5.x)
