@@ -15,15 +15,18 @@
       request is in the *prompt*, and answers benign requests in the same words). The result
       is the situation the paper starts from: the base refuses harmful text, but a harmful
       request typed into an image goes through.
-   The held-out split's prompt templates are never trained on. Options (off by default):
-   ``wording_drop`` varies the wording of half the requests in pre-training and stage 2
-   (:func:`vary_wording`), ``lm_benign_text_repeat`` shows benign text requests more often,
-   and ``safety["prompt_token_dropout"]`` hides a share of the prompt from the head in training.
+   The held-out split's prompt templates are never trained on. So that they change neither
+   what the head decides nor what the model does with the decision (each can be turned off in
+   :class:`DemoSettings`): ``wording_drop`` varies the wording of half the requests in
+   pre-training and stage 2 (:func:`vary_wording`), ``lm_benign_text_repeat`` shows benign text
+   requests more often, ``safety["prompt_token_dropout"]`` hides half the prompt from the head
+   in training, and the prefix tokens carry the head's decision, which stage 2 teaches the
+   model to follow with decision swaps (``decision_swap_ratio``, :mod:`safevlm.train.swaps`).
 3. **Before**: the base model's answers on held-out prompts (refusal on risky, over-refusal
    and answer accuracy on benign).
 4. **Stage 1**: base frozen, safety projector + head (+ prefix tokens) on the classification
    loss, vision features cached.
-5. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss.
+5. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss, with decision swaps.
 6. **After**: the same answers from the safety-aligned model, a few guarded answers (allow /
    hint / refuse) under the default policy, and the multi-turn check (a request asked as the
    second user turn).
@@ -32,8 +35,9 @@
    control set in the same layout; ``report.json``, ``report.md`` and plots.
 
 Everything is deterministic for a seed on CPU. The settings in :class:`DemoSettings` are sized
-so that the whole run fits on a laptop CPU: about a quarter of an hour on 2 cores (report.md
-states the time each step took).
+so that the whole run fits on a laptop CPU: under 10 minutes on 2 cores (report.md states the
+time each step took). The vision pre-training images are rendered by a worker process while
+the dataset is rendered (:class:`CaptionPoolRender`).
 """
 
 from __future__ import annotations

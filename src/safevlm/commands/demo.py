@@ -1,4 +1,4 @@
-"""`safevlm demo`: the main job on the embedded default (the whole method, about a quarter of an hour on 2 CPU cores)."""
+"""`safevlm demo`: the main job on the embedded default (the whole method, under 10 minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
