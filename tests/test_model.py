@@ -380,7 +380,12 @@ def test_a_decision_given_for_a_row_replaces_the_heads_for_that_row_only(tiny):
     model = _decision_model(base)
     n_levels = model.config.num_levels
     inputs = make_inputs(processor, PROMPTS)
-    level, kind = torch.tensor([-1, 2]), torch.tensor([-1, 1])
+    with torch.no_grad():
+        head = model._head(inputs["input_ids"], inputs["attention_mask"], model.encode_images(inputs["pixel_values"]))
+        own_level, own_type = (int(x[1]) for x in model._decide(head.level_logits, head.type_logits))
+    # a decision for row 1 that is not the head's own (else nothing would change)
+    given = (2 if own_level != 2 else 3, 1 if own_type != 1 else 2)
+    level, kind = torch.tensor([-1, given[0]]), torch.tensor([-1, given[1]])
     with torch.no_grad():
         plain = model(**inputs)
         swapped = model(**inputs, condition_level=level, condition_type=kind)
@@ -388,13 +393,13 @@ def test_a_decision_given_for_a_row_replaces_the_heads_for_that_row_only(tiny):
                             model.encode_images(inputs["pixel_values"])).safety_state
         decision = model.prefix_state(state, level, kind)
     torch.testing.assert_close(decision[0], model.prefix_state(state)[0])
-    assert decision[1].tolist() == [float(i == 2) for i in range(n_levels)] + [
-        float(i == 1) for i in range(model.config.num_types)]
+    assert decision[1].tolist() == [float(i == given[0]) for i in range(n_levels)] + [
+        float(i == given[1]) for i in range(model.config.num_types)]
     # the head's outputs never change; the LLM reads the given decision in row 1 only
     torch.testing.assert_close(swapped.type_logits, plain.type_logits)
     torch.testing.assert_close(swapped.logits[0], plain.logits[0])
     assert (swapped.logits[1] - plain.logits[1]).abs().max() > 1e-4
-    with pytest.raises(ValueError, match=r"row 1: condition level 9 / type 1 is not a decision"):
+    with pytest.raises(ValueError, match=rf"row 1: condition level 9 / type {given[1]} is not a decision"):
         model(**inputs, condition_level=torch.tensor([-1, 9]), condition_type=kind)
     with pytest.raises(ValueError, match=r"row 0: condition level 2 / type -1"):
         model(**inputs, condition_level=torch.tensor([2, -1]), condition_type=torch.tensor([-1, -1]))
