@@ -86,7 +86,7 @@ class DemoSettings:
     stage2_clean_ratio: float = 1.5  # clean samples per risky sample drawn in stage 2
     stage2_lora_dropout: float = 0.0
     wording_drop: float = 0.25  # > 0: half the requests in pre-training and stage 2 have their wording varied (vary_wording)
-    decision_swap_ratio: float = 0.3  # stage 2: data.decision_swap_ratio (needs safety["prefix_conditioning"] == "decision")
+    decision_swap_ratio: float = 0.4  # stage 2: data.decision_swap_ratio (needs safety["prefix_conditioning"] == "decision")
     length_window: int | None = 8  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
     eval_samples: int = 300  # held-out samples used for the generation metrics
     max_new_tokens: int = 24
