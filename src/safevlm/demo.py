@@ -21,12 +21,14 @@
    pre-training and stage 2 (:func:`vary_wording`), ``lm_benign_text_repeat`` shows benign text
    requests more often, ``safety["prompt_token_dropout"]`` hides half the prompt from the head
    in training, and the prefix tokens carry the head's decision, which stage 2 teaches the
-   model to follow with decision swaps (``decision_swap_ratio``, :mod:`safevlm.train.swaps`).
+   model to follow with decision swaps (``decision_swap_ratio``, :mod:`safevlm.train.swaps`),
+   also when the default policy's hint is in the prompt (``hint_ratio``, :mod:`safevlm.train.hints`).
 3. **Before**: the base model's answers on held-out prompts (refusal on risky, over-refusal
    and answer accuracy on benign).
 4. **Stage 1**: base frozen, safety projector + head (+ prefix tokens) on the classification
    loss, vision features cached.
-5. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss, with decision swaps.
+5. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss, with decision swaps
+   and policy hints.
 6. **After**: the same answers from the safety-aligned model, a few guarded answers (allow /
    hint / refuse) under the default policy, and the multi-turn check (a request asked as the
    second user turn).
@@ -65,7 +67,9 @@ class DemoSettings:
     prompt tokens in training (``safety["prompt_token_dropout"]``), a quarter of the words of
     half the requests are varied (``wording_drop``, :func:`vary_wording`), and the prefix tokens
     carry the head's decision, which stage 2 teaches the model to follow with decision swaps
-    (``safety["prefix_conditioning"] = "decision"``, ``decision_swap_ratio``)."""
+    (``safety["prefix_conditioning"] = "decision"``, ``decision_swap_ratio``), also when a
+    policy hint is in the prompt (``hint_ratio``: the guarded answers and the evaluation run
+    under the default policy, whose ``hint`` action inserts one)."""
 
     seed: int = 0
     n_samples: int = 5000  # synthetic safety samples, all splits
@@ -87,6 +91,7 @@ class DemoSettings:
     stage2_lora_dropout: float = 0.0
     wording_drop: float = 0.25  # > 0: half the requests in pre-training and stage 2 have their wording varied (vary_wording)
     decision_swap_ratio: float = 0.4  # stage 2: data.decision_swap_ratio (needs safety["prefix_conditioning"] == "decision")
+    hint_ratio: float = 0.2  # stage 2: data.hint_ratio, records that read a default-policy hint (safevlm.train.hints)
     length_window: int | None = 8  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
     eval_samples: int = 300  # held-out samples used for the generation metrics
     max_new_tokens: int = 24
@@ -689,13 +694,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, show_pro
         "output_dir": str(out / "stage2"),
         "model": {"safety_modules": "train"},
         "lora": {"r": 16, "alpha": 32, "dropout": settings.stage2_lora_dropout, "target_modules": "all-linear"},
-        # full logits by default, as this recipe was validated with: a change of float rounding
-        # alone (the supervised-only loss) re-draws this small run's outcome
         "loss": {"cls_weight": 1.0, "lm_weight": 1.0, "lm_logits": settings.lm_logits},
         # More clean samples than in stage 1, so that refusing is learned without over-refusing.
         "data": {**common["data"], "samples_per_epoch": settings.stage2_samples, "clean_ratio": settings.stage2_clean_ratio,
                  "group_by_length": bool(settings.length_window), "length_window": settings.length_window or 50,
-                 "decision_swap_ratio": settings.decision_swap_ratio},
+                 "decision_swap_ratio": settings.decision_swap_ratio, "hint_ratio": settings.hint_ratio},
         "optim": {"lr": settings.stage2_lr, "epochs": settings.stage2_epochs, "warmup_steps": 20,
                   "batch_size": settings.batch_size // 2, "scheduler": "cosine"},
     })

@@ -24,7 +24,6 @@ would be in the first, and a request made earlier stays in view on later turns (
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from safevlm.data.chat import EncodedChat, build_messages, encode_chat, render_chat
+from safevlm.data.chat import EncodedChat, build_messages, encode_chat, insert_hint, render_chat
 from safevlm.policy import Decision, Policy, PolicyOverrides, load_policy
 
 logger = logging.getLogger("safevlm.guarded")
@@ -109,31 +108,8 @@ class GuardedResult:
 
 
 # -- chat messages ------------------------------------------------------------------------------------
-# build_messages (prompt string or message list -> HF multimodal messages) is safevlm.data.chat's,
-# the one the training collator uses.
-
-
-def insert_hint(messages: list[dict], hint: str, position: str) -> list[dict]:
-    """A copy of ``messages`` with ``hint`` as (or appended to) the system message
-    (``position="system"``) or appended to the last user turn (``"user"``)."""
-    messages = copy.deepcopy(messages)
-    if position == "system":
-        if messages and messages[0]["role"] == "system":
-            messages[0]["content"].append({"type": "text", "text": hint})
-        else:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": hint}]})
-        return messages
-    if position == "user":
-        for message in reversed(messages):
-            if message["role"] == "user":
-                texts = [p for p in message["content"] if p.get("type") == "text"]
-                if texts:
-                    texts[-1]["text"] = f"{texts[-1]['text']}\n{hint}"
-                else:
-                    message["content"].append({"type": "text", "text": hint})
-                return messages
-        raise ValueError("hint_position 'user' needs a user message in the conversation")
-    raise ValueError(f"unknown hint position {position!r}; allowed: system, user")
+# build_messages (prompt string or message list -> HF multimodal messages) and insert_hint are
+# safevlm.data.chat's, the ones the training collator uses.
 
 
 def render(processor, messages: list[dict]) -> str:

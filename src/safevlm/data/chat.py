@@ -37,6 +37,7 @@ trained assistant turn (see :class:`~safevlm.data.collator.SafetyCollator`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -229,6 +230,29 @@ def image_token_of(processor) -> str:
     return image_prompt(processor).token
 
 
+def insert_hint(messages: list[dict], hint: str, position: str) -> list[dict]:
+    """A copy of ``messages`` with ``hint`` as (or appended to) the system message
+    (``position="system"``) or appended to the last user turn (``"user"``)."""
+    messages = copy.deepcopy(messages)
+    if position == "system":
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"].append({"type": "text", "text": hint})
+        else:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": hint}]})
+        return messages
+    if position == "user":
+        for message in reversed(messages):
+            if message["role"] == "user":
+                texts = [p for p in message["content"] if p.get("type") == "text"]
+                if texts:
+                    texts[-1]["text"] = f"{texts[-1]['text']}\n{hint}"
+                else:
+                    message["content"].append({"type": "text", "text": hint})
+                return messages
+        raise ValueError("hint_position 'user' needs a user message in the conversation")
+    raise ValueError(f"unknown hint position {position!r}; allowed: system, user")
+
+
 def encode_chat(
     processor,
     messages: list[dict],
@@ -273,5 +297,6 @@ __all__ = [
     "encode_chat",
     "expand_image_tokens",
     "image_token_of",
+    "insert_hint",
     "render_chat",
 ]

@@ -23,6 +23,12 @@ the same tokens in training and at inference (see ``safevlm.data.chat`` for what
    with offsets: tokens inside the trained assistant spans keep their ids as labels, tokens
    outside every assistant span (image placeholders aside) form the prompt mask.
 
+A record may carry a policy hint (``metadata["policy_hint"] = {"text", "position"}``,
+:mod:`safevlm.train.hints`): the language model then reads the conversation with the hint
+inserted as guarded generation inserts it (:func:`~safevlm.data.chat.insert_hint`), while the
+head reads exactly the tokens it reads without the hint, as at inference, where the policy
+hints only after the head has decided.
+
 The model inserts the prefix safety tokens itself, so the batch stays standard LLaVA;
 ``num_prefix_tokens`` only counts against ``max_length``. Text is truncated from the right;
 image tokens are never cut (a ``ValueError`` with the numbers says when they cannot fit).
@@ -33,7 +39,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from safevlm.data.chat import build_messages, encode_chat, image_token_of
+import difflib
+
+from safevlm.data.chat import EncodedChat, build_messages, encode_chat, image_token_of, insert_hint
 from safevlm.data.images import open_image
 from safevlm.data.records import SafetyRecord
 
@@ -42,6 +50,9 @@ TRAIN_ON: tuple[str, ...] = ("assistant", "last_assistant")
 # metadata key of a decision swap: [risk level, risk type] that condition the prefix tokens
 # in place of the head's decision (safevlm.train.swaps)
 PREFIX_DECISION_KEY = "prefix_decision"
+# metadata key of a policy hint the language model reads in training: {"text", "position"}
+# (safevlm.train.hints)
+POLICY_HINT_KEY = "policy_hint"
 
 
 def decision_tensors(records: Sequence[SafetyRecord]) -> dict:
@@ -56,6 +67,28 @@ def decision_tensors(records: Sequence[SafetyRecord]) -> dict:
     levels, types = zip(*[(-1, -1) if d is None else (int(d[0]), int(d[1])) for d in decisions])
     return {"condition_level": torch.tensor(levels, dtype=torch.long),
             "condition_type": torch.tensor(types, dtype=torch.long)}
+
+
+def _hinted(processor, messages: list[dict], plain, hint, num_image_tokens: int, name: str):
+    """The :class:`~safevlm.data.chat.EncodedChat` of ``messages`` with the policy ``hint``
+    inserted (what the language model reads), whose prompt mask holds exactly the tokens the
+    head reads in ``plain`` (the same messages without the hint): the head never sees a hint,
+    at inference the policy inserts it after the head has decided. The two token sequences are
+    aligned; a ``ValueError`` names the record when the hint changes how the rest tokenises."""
+    if not isinstance(hint, dict) or not isinstance(hint.get("text"), str) or not hint["text"].strip():
+        raise ValueError(f"{name}: metadata[{POLICY_HINT_KEY!r}] must be {{'text': ..., 'position': ...}}, got {hint!r}")
+    hinted = encode_chat(processor, insert_hint(messages, hint["text"], hint.get("position", "system")),
+                         num_image_tokens, name=name)
+    mask = [False] * len(hinted.input_ids)
+    matcher = difflib.SequenceMatcher(None, plain.input_ids, hinted.input_ids, autojunk=False)
+    for a, b, size in matcher.get_matching_blocks():
+        for k in range(size):
+            mask[b + k] = plain.prompt_mask[a + k] and hinted.assistant_turn[b + k] == -1
+    read = sorted(t for t, m in zip(hinted.input_ids, mask) if m)
+    if read != sorted(t for t, m in zip(plain.input_ids, plain.prompt_mask) if m):
+        raise ValueError(f"{name}: with the policy hint inserted the conversation tokenises differently, so the "
+                         "head cannot read the same tokens as without it")
+    return EncodedChat(hinted.input_ids, hinted.assistant_turn, mask)
 
 
 class SafetyCollator:
@@ -129,7 +162,11 @@ class SafetyCollator:
         """``input_ids``, ``labels`` and ``prompt_mask`` (lists) for one record;
         ``num_image_tokens`` per image."""
         messages = build_messages(record.turns, record.image is not None, self.system)
-        chat = encode_chat(self.processor, messages, num_image_tokens, name=f"record {record.id!r}")
+        name = f"record {record.id!r}"
+        chat = encode_chat(self.processor, messages, num_image_tokens, name=name)
+        hint = record.metadata.get(POLICY_HINT_KEY)
+        if hint is not None:
+            chat = _hinted(self.processor, messages, chat, hint, num_image_tokens, name)
         input_ids, prompt_mask = chat.input_ids, chat.prompt_mask
         trained = set(chat.assistant_turn) - {-1}
         if self.train_on == "last_assistant":
@@ -201,4 +238,4 @@ class SafetyCollator:
         return batch
 
 
-__all__ = ["IGNORE_INDEX", "PREFIX_DECISION_KEY", "SafetyCollator", "TRAIN_ON", "decision_tensors"]
+__all__ = ["IGNORE_INDEX", "POLICY_HINT_KEY", "PREFIX_DECISION_KEY", "SafetyCollator", "TRAIN_ON", "decision_tensors"]

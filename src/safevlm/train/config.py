@@ -196,6 +196,17 @@ class DataSection:
         "prompt's wording (safevlm.train.swaps). 0: none.",
         default=0.0,
     )
+    hint_ratio: float = _help(
+        "Stage 2: this share of the training records reads a policy hint, inserted as the policy "
+        "inserts it (a risky record: the hint for its own type and level; a safe one: a random risky "
+        "type's), with the record's own answer; the head does not read it. The LLM learns to keep "
+        "following the head's decision when a policy hints (safevlm.train.hints). 0: none.",
+        default=0.0,
+    )
+    hint_policy: str = _help(
+        "The policy (shipped name or YAML path) whose hint texts and hint position hint_ratio uses.",
+        default="default",
+    )
     synthetic: SyntheticSection | None = _help(
         "Generate a synthetic dataset (safevlm.data.synth) and use its train/val splits.", default=None
     )
@@ -215,6 +226,8 @@ class DataSection:
             raise ConfigError(f"data.length_window must be >= 1 (batches sorted together), got {self.length_window}")
         if not 0.0 <= self.decision_swap_ratio <= 1.0:
             raise ConfigError(f"data.decision_swap_ratio must be in [0, 1], got {self.decision_swap_ratio}")
+        if not 0.0 <= self.hint_ratio <= 1.0:
+            raise ConfigError(f"data.hint_ratio must be in [0, 1], got {self.hint_ratio}")
 
 
 @dataclass
@@ -333,6 +346,9 @@ class TrainConfig:
                 raise ConfigError("nothing to train")
         if self.data.decision_swap_ratio > 0 and (self.stage != 2 or self.loss.lm_weight == 0):
             raise ConfigError("data.decision_swap_ratio trains the language model on the head's decision: "
+                              "stage 2 with loss.lm_weight > 0 only")
+        if self.data.hint_ratio > 0 and (self.stage != 2 or self.loss.lm_weight == 0):
+            raise ConfigError("data.hint_ratio trains the language model to read policy hints: "
                               "stage 2 with loss.lm_weight > 0 only")
 
     # -- loading ------------------------------------------------------------------------------

@@ -410,6 +410,18 @@ def run_stage(
         swaps = decision_swaps(train_records, config.data.decision_swap_ratio, config.seed)
         logger.info("decision swaps: %d added to %d training records", len(swaps), len(train_records))
         train_records = list(train_records) + swaps
+    if config.data.hint_ratio > 0:
+        from safevlm.data.collator import POLICY_HINT_KEY
+        from safevlm.policy import load_policy
+        from safevlm.train.hints import policy_hints
+
+        try:
+            hint_policy = load_policy(config.data.hint_policy, model.config.taxonomy)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.hint_policy: {err}") from None
+        train_records = policy_hints(train_records, config.data.hint_ratio, hint_policy, config.seed)
+        logger.info("policy hints (%s): %d of %d training records", hint_policy.name,
+                    sum(POLICY_HINT_KEY in r.metadata for r in train_records), len(train_records))
     if not val_records and args.eval_strategy != "no":
         args = training_arguments(config, has_val=False, quiet=quiet)
     collator = SafetyCollator(
