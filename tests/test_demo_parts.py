@@ -115,7 +115,7 @@ def test_the_demo_runs_with_every_recipe_option_off(tmp_path):
     from safevlm.demo import run_demo
 
     options = {"wording_drop": 0.0, "lm_benign_text_repeat": 1, "length_window": None, "lm_logits": "full",
-               "vision_batch_size": 16, "decision_swap_ratio": 0.0, "hint_ratio": 0.0}
+               "vision_batch_size": 16, "decision_swap_ratio": 0.0}
     safety = {**DemoSettings().safety, "prompt_token_dropout": 0.0, "prefix_conditioning": "head"}
     report = run_demo(tmp_path, DemoSettings(**SMALL_DEMO, **options, safety=safety), show_progress=False)
     assert {k: report["settings"][k] for k in options} == options

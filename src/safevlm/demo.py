@@ -21,14 +21,12 @@
    pre-training and stage 2 (:func:`vary_wording`), ``lm_benign_text_repeat`` shows benign text
    requests more often, ``safety["prompt_token_dropout"]`` hides half the prompt from the head
    in training, and the prefix tokens carry the head's decision, which stage 2 teaches the
-   model to follow with decision swaps (``decision_swap_ratio``, :mod:`safevlm.train.swaps`),
-   also when the default policy's hint is in the prompt (``hint_ratio``, :mod:`safevlm.train.hints`).
+   model to follow with decision swaps (``decision_swap_ratio``, :mod:`safevlm.train.swaps`).
 3. **Before**: the base model's answers on held-out prompts (refusal on risky, over-refusal
    and answer accuracy on benign).
 4. **Stage 1**: base frozen, safety projector + head (+ prefix tokens) on the classification
    loss, vision features cached.
-5. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss, with decision swaps
-   and policy hints.
+5. **Stage 2**: LoRA on the LM + the safety modules, LM + classification loss, with decision swaps.
 6. **After**: the same answers from the safety-aligned model, a few guarded answers (allow /
    hint / refuse) under the default policy, and the multi-turn check (a request asked as the
    second user turn).
@@ -67,9 +65,8 @@ class DemoSettings:
     prompt tokens in training (``safety["prompt_token_dropout"]``), a quarter of the words of
     half the requests are varied (``wording_drop``, :func:`vary_wording`), and the prefix tokens
     carry the head's decision, which stage 2 teaches the model to follow with decision swaps
-    (``safety["prefix_conditioning"] = "decision"``, ``decision_swap_ratio``), also when a
-    policy hint is in the prompt (``hint_ratio``: the guarded answers and the evaluation run
-    under the default policy, whose ``hint`` action inserts one)."""
+    (``safety["prefix_conditioning"] = "decision"``, ``decision_swap_ratio``). Training on
+    policy hints (``hint_ratio``) is off: see docs/training.md."""
 
     seed: int = 0
     n_samples: int = 5000  # synthetic safety samples, all splits
@@ -91,7 +88,7 @@ class DemoSettings:
     stage2_lora_dropout: float = 0.0
     wording_drop: float = 0.25  # > 0: half the requests in pre-training and stage 2 have their wording varied (vary_wording)
     decision_swap_ratio: float = 0.4  # stage 2: data.decision_swap_ratio (needs safety["prefix_conditioning"] == "decision")
-    hint_ratio: float = 0.2  # stage 2: data.hint_ratio, records that read a default-policy hint (safevlm.train.hints)
+    hint_ratio: float = 0.0  # stage 2: data.hint_ratio, records that read a default-policy hint (safevlm.train.hints; off: see docs/training.md)
     length_window: int | None = 8  # multimodal pre-training and stage 2: batches sorted by length in windows of this many (None: plain shuffle)
     eval_samples: int = 300  # held-out samples used for the generation metrics
     max_new_tokens: int = 24

@@ -4,9 +4,9 @@ At inference a policy's ``hint`` action inserts a safety hint into the chat (a s
 or the end of the user turn; :func:`safevlm.data.chat.insert_hint`) after the head has decided.
 A large model understands such a hint; a language model fine-tuned only on conversations
 without hints has never seen one, and an unseen system message moves it off the data it was
-trained on. On the demo's held-out split, the risky requests the default policy hinted (the
-head's decision, carried by the prefix tokens, was risky for all of them) were refused 30 of
-30 times without the hint and 21 of 30 times with it: the hint made the model less safe.
+trained on. In one of the demo's runs, the held-out risky requests the default policy hinted
+(the head's decision, carried by the prefix tokens, was risky for all of them) were refused
+30 of 30 times without the hint and 21 of 30 times with it: the hint made the model less safe.
 
 A share of the stage-2 records therefore reads a hint in training, the way the policy would
 insert it: a risky record gets the policy's hint for its own risk type and level, a safe record
@@ -15,6 +15,10 @@ requests near the threshold get hints too). The answers stay the records' own, s
 is not what decides between refusing and answering (the head's decision is): the model learns
 to keep following the decision when a hint is there. The head never reads the hint, as at
 inference (the collator aligns its tokens with the unhinted conversation).
+
+Whether it helps depends on the model: on the tiny demo model it helped hinted requests on one
+base and cost decision-following without hints on another (docs/training.md), so the demo
+leaves it off.
 """
 
 from __future__ import annotations
