@@ -226,10 +226,10 @@ class CaptionPoolRender:
             self._dir = None
 
 
-def pretrain_vision(base, processor, settings: DemoSettings, progress, pool: CaptionPoolRender | None = None) -> dict:
+def pretrain_vision(base, processor, settings: DemoSettings, progress, pool: CaptionPoolRender) -> dict:
     """CLIP analogue: train the vision tower to recognise each image's caption (cross-entropy
     over the caption set) from its selected-layer features, on freshly rendered images
-    (``pool``: the images, rendered ahead in the background; None: rendered here)."""
+    (``pool``: their renderer, started ahead so that it works while the dataset is rendered)."""
     import torch
 
     from safevlm.backbones import get_backbone
@@ -237,11 +237,7 @@ def pretrain_vision(base, processor, settings: DemoSettings, progress, pool: Cap
 
     backbone = get_backbone(base)
     set_trainable(base, {"vision_tower"})
-    size = processor.image_processor.crop_size["height"]
-    if pool is not None:
-        images, captions = pool.result()
-    else:
-        images, captions = _render_caption_pool(settings.vision_images, settings.seed + 1, size)
+    images, captions = pool.result()
     vocab = sorted(set(captions))
     index = {c: i for i, c in enumerate(vocab)}
     pixels = torch.cat([

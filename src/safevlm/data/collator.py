@@ -36,10 +36,9 @@ image tokens are never cut (a ``ValueError`` with the numbers says when they can
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Sequence
-
-import difflib
 
 from safevlm.data.chat import EncodedChat, build_messages, encode_chat, image_token_of, insert_hint
 from safevlm.data.images import open_image
@@ -69,7 +68,7 @@ def decision_tensors(records: Sequence[SafetyRecord]) -> dict:
             "condition_type": torch.tensor(types, dtype=torch.long)}
 
 
-def _hinted(processor, messages: list[dict], plain, hint, num_image_tokens: int, name: str):
+def _hinted(processor, messages: list[dict], plain: EncodedChat, hint, num_image_tokens: int, name: str) -> EncodedChat:
     """The :class:`~safevlm.data.chat.EncodedChat` of ``messages`` with the policy ``hint``
     inserted (what the language model reads), whose prompt mask holds exactly the tokens the
     head reads in ``plain`` (the same messages without the hint): the head never sees a hint,
@@ -82,8 +81,8 @@ def _hinted(processor, messages: list[dict], plain, hint, num_image_tokens: int,
     mask = [False] * len(hinted.input_ids)
     matcher = difflib.SequenceMatcher(None, plain.input_ids, hinted.input_ids, autojunk=False)
     for a, b, size in matcher.get_matching_blocks():
-        for k in range(size):
-            mask[b + k] = plain.prompt_mask[a + k] and hinted.assistant_turn[b + k] == -1
+        mask[b:b + size] = [read and turn == -1 for read, turn in
+                            zip(plain.prompt_mask[a:a + size], hinted.assistant_turn[b:b + size])]
     read = sorted(t for t, m in zip(hinted.input_ids, mask) if m)
     if read != sorted(t for t, m in zip(plain.input_ids, plain.prompt_mask) if m):
         raise ValueError(f"{name}: with the policy hint inserted the conversation tokenises differently, so the "
