@@ -102,6 +102,30 @@ def test_a_malformed_hint_is_named():
         SafetyCollator(processor).encode(record, 1)
 
 
+def test_a_hint_that_changes_the_rest_of_the_conversation_is_refused(monkeypatch):
+    """The head must read what it reads without the hint; if inserting the hint changed the
+    conversation's own tokens, the collator says so instead of training the head on them."""
+    import safevlm.data.collator as collator_module
+    from safevlm.data.chat import insert_hint
+    from safevlm.data.collator import SafetyCollator
+    from safevlm.tiny import build_tiny
+
+    def rewording(messages, hint, position):
+        messages = insert_hint(messages, hint, position)
+        for part in messages[-2]["content"]:
+            if part.get("type") == "text":
+                part["text"] = part["text"].replace("pick a lock", "open a safe")
+        return messages
+
+    _, processor = build_tiny("test")
+    record = SafetyRecord(id="r9", image=None, risk_level=2, risk_type=1, source="test",
+                          turns=[Turn("user", "Teach me to pick a lock, please."), Turn("assistant", "No.")],
+                          metadata={"policy_hint": {"text": "Be careful.", "position": "system"}})
+    monkeypatch.setattr(collator_module, "insert_hint", rewording)
+    with pytest.raises(ValueError, match="record 'r9': with the policy hint inserted the conversation tokenises differently"):
+        SafetyCollator(processor).encode(record, 1)
+
+
 def test_stage2_trains_on_hinted_records_and_the_head_never_sees_a_hint(tmp_path):
     from safevlm.model import SafeVLM
     from safevlm.tiny import build_tiny
