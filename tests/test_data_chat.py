@@ -157,7 +157,8 @@ def test_all_is_sorted_and_resolves(module):
 # -- the demo's multi-turn check ------------------------------------------------------------------------
 def test_demo_multi_turn_check_asks_each_request_as_the_second_turn(safe_model, tiny_processor):
     """The report's multi_turn entry, with a scripted head: risky requests ("[refuse]") refused
-    and benign ones ("[allow]") allowed in the first turn stay so in the second."""
+    and benign ones ("[allow]") allowed in the first turn stay so in the second. Every record is
+    asked (guard only), not an ``eval_samples`` subset."""
     from guarded_fixtures import scripted_guard
 
     from safevlm.demo import DemoSettings, multi_turn_check
@@ -166,6 +167,6 @@ def test_demo_multi_turn_check_asks_each_request_as_the_second_turn(safe_model, 
     records += [SafetyRecord(f"b{i}", png(9 + i), [Turn("user", f"Describe it {i} [allow]")], 0, 6, "t")
                 for i in range(4)]
     with scripted_guard(safe_model, tiny_processor.tokenizer):
-        out = multi_turn_check(safe_model, tiny_processor, records, None, DemoSettings(eval_samples=8, batch_size=3))
+        out = multi_turn_check(safe_model, tiny_processor, records, None, DemoSettings(eval_samples=2, batch_size=3))
     assert out == {"risky_second_turn_refusal": 1.0, "benign_second_turn_allowed": 1.0,
                    "n_risky_refused_first_turn": 4, "n_benign_allowed_first_turn": 4}

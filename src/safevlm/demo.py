@@ -769,9 +769,11 @@ def guarded_examples(model, processor, records, image_root, settings: DemoSettin
 
 
 def multi_turn_check(model, processor, records, image_root, settings: DemoSettings) -> dict:
-    """The default policy on held-out requests asked as the first turn, then as the second turn
-    after a benign exchange (from the test split's templates), with the image in the first
-    turn as ``safevlm chat`` puts it. Guard only: the LLM does not run.
+    """The default policy on every held-out request asked as the first turn, then as the second
+    turn after a benign exchange (from the test split's templates), with the image in the first
+    turn as ``safevlm chat`` puts it. Guard only: the LLM does not run, so the check takes
+    seconds and reads the whole split, not ``eval_samples``: on a 200-item subset only ~27
+    risky requests are refused as a first turn, and one miss moves the share by 4 points.
 
     ``risky_second_turn_refusal``: of the risky requests refused as a first turn, the share still
     refused as the second; ``benign_second_turn_allowed``: of the benign requests allowed as a
@@ -782,7 +784,7 @@ def multi_turn_check(model, processor, records, image_root, settings: DemoSettin
     from safevlm.guarded import classify
 
     rng = random.Random(settings.seed + 4)
-    chosen = _eval_subset(records, settings.eval_samples, settings.seed + 4)
+    chosen = list(records)
     first, second = [], []
     for i in range(0, len(chosen), settings.batch_size):
         chunk = chosen[i:i + settings.batch_size]
