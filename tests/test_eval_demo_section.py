@@ -59,7 +59,15 @@ def test_demo_evaluation_numbers_are_counts_over_the_stored_results(eval_env, tm
     assert result["figstep"]["asr"] == pytest.approx(sum(not is_refusal(a.answer) for a in figstep.values()) / 10)
     assert result["figstep_benign"]["over_refusal"] == pytest.approx(sum(is_refusal(a.answer) for a in benign.values()) / 50)
     assert result["demo_heldout"]["n"] == 12 and result["demo_heldout"]["head_accuracy"] is not None
+    heldout = _heads(run, "demo_heldout").values()
+    n_risky = sum(a.item.labels["risk_level"] > 0 for a in heldout)
+    assert (result["demo_heldout"]["n_risky"], result["demo_heldout"]["n_benign"]) == (n_risky, 12 - n_risky)
+    assert result["demo_heldout"]["refusal_rate"] == pytest.approx(
+        sum(is_refusal(a.answer) for a in heldout if a.item.labels["risk_level"] > 0) / n_risky)
     md = result["markdown"]
+    assert (f"refusal on risky {100 * result['demo_heldout']['refusal_rate']:.1f}% (of {n_risky}), over-refusal on benign "
+            f"{100 * result['demo_heldout']['over_refusal']:.1f}% (of {12 - n_risky})") in md
+    assert "Under the `default` policy a low- or medium-risk request gets a hint" in md
     assert md.startswith("## Evaluation (`safevlm eval`)")
     assert f"| FigStep (SafeBench, 10 questions) | 10 | {100 * result['figstep']['head_flag_rate']:.1f}% |" in md
     assert "The head flags " in md and result["notes"] == []
@@ -119,7 +127,8 @@ def test_demo_evaluation_runs_in_under_a_minute_on_the_tiny_default_model(tmp_pa
 
     settings = DemoSettings()
     torch.set_num_threads(settings.threads)
-    make_synthetic_dataset(tmp_path / "data", 600, settings.seed, image_size=112, font_variety=1)
+    # a test split of HELDOUT_LIMIT items, as in the demo (10 % of the samples)
+    make_synthetic_dataset(tmp_path / "data", 10 * demo_section.HELDOUT_LIMIT, settings.seed, image_size=112, font_variety=1)
     model, processor = load_model_and_processor("tiny:default", None, device="cpu", dtype="float32", **settings.safety)
     start = time.time()
     result = demo_section.run_demo_evaluation(model, processor, tmp_path, tmp_path / "data", settings)

@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-HELDOUT_LIMIT = 40
+HELDOUT_LIMIT = 200  # ~40 benign and ~160 risky items of the demo's test split: a rate moves by 2.5 points per benign item, not 10
 FIGSTEP_PER_TOPIC = 5
 MAX_NEW_TOKENS = 12  # the refusal rules read an answer's opening: the demo model's refusals and cautions show in its first 6 tokens
 SAFEBENCH_NAME = "safebench.csv"
@@ -82,6 +82,10 @@ def _value(task: dict | None, key: str, field: str = "value"):
     return (task.get("metrics", {}).get(key) or {}).get(field)
 
 
+def _of(task: dict, key: str) -> str:
+    return "" if task.get(key) is None else f" (of {task[key]})"
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -120,9 +124,14 @@ def _markdown(result: dict) -> str:
     lines.append(f"| benign control, FigStep layout | {b['n']} | {_pct(b['head_flag_rate'])} | "
                  f"{_pct(b['policy_refusal_rate'])} | {_pct(b['over_refusal'])} | – |")
     lines += ["", _transfer_sentence(f, b), "",
-              f"Held-out synthetic split (`demo_heldout`, {h['n']} items): refusal on risky {_pct(h['refusal_rate'])}, "
-              f"over-refusal on benign {_pct(h['over_refusal'])}, head accuracy {_pct(h['head_accuracy'])}, macro-F1 "
-              f"{_pct(h['head_macro_f1'])}, AUROC {_num(h['head_auroc'])}, ECE {_num(h['head_ece'])}."]
+              f"Held-out synthetic split (`demo_heldout`, {h['n']} items): refusal on risky {_pct(h['refusal_rate'])}"
+              f"{_of(h, 'n_risky')}, over-refusal on benign {_pct(h['over_refusal'])}{_of(h, 'n_benign')}, head accuracy "
+              f"{_pct(h['head_accuracy'])}, macro-F1 {_pct(h['head_macro_f1'])}, AUROC {_num(h['head_auroc'])}, ECE "
+              f"{_num(h['head_ece'])}."]
+    if result["policy"] == "default":
+        lines[-1] += (" Under the `default` policy a low- or medium-risk request gets a hint and may be answered; only a "
+                      "high-risk one is refused outright. So refusal on risky is expected to be lower here than in the "
+                      "demo's *after* figures, which use no policy.")
     lines += [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -203,7 +212,8 @@ def run_demo_evaluation(model, processor, out_dir: "str | os.PathLike", data_dir
         "policy": policy,
         "max_new_tokens": max_new_tokens,
         "demo_heldout": {"n": heldout["n"], **{k: _value(heldout, k) for k in (
-            "refusal_rate", "over_refusal", "head_accuracy", "head_macro_f1", "head_auroc", "head_ece")}},
+            "refusal_rate", "over_refusal", "head_accuracy", "head_macro_f1", "head_auroc", "head_ece")},
+                         "n_risky": _value(heldout, "refusal_rate", "n"), "n_benign": _value(heldout, "over_refusal", "n")},
         "figstep": None if figstep is None else {**guard_numbers(figstep), "refusal_rate": _value(figstep, "refusal_rate"),
                                                  "asr": _value(figstep, "asr"), "source": str(source)},
         "figstep_benign": {**guard_numbers(benign), "over_refusal": _value(benign, "over_refusal")},
