@@ -67,7 +67,8 @@ def test_demo_evaluation_numbers_are_counts_over_the_stored_results(eval_env, tm
     md = result["markdown"]
     assert (f"refusal on risky {100 * result['demo_heldout']['refusal_rate']:.1f}% (of {n_risky}), over-refusal on benign "
             f"{100 * result['demo_heldout']['over_refusal']:.1f}% (of {12 - n_risky})") in md
-    assert "Under the `default` policy a low- or medium-risk request gets a hint" in md
+    assert ("Under the `default` policy the policy itself refuses only what the head judges "
+            "high-risk; a low- or medium-risk request gets a hint") in md
     assert md.startswith("## Evaluation (`safevlm eval`)")
     assert f"| FigStep (SafeBench, 10 questions) | 10 | {100 * result['figstep']['head_flag_rate']:.1f}% |" in md
     assert "The head flags " in md and result["notes"] == []

@@ -129,9 +129,9 @@ def _markdown(result: dict) -> str:
               f"{_pct(h['head_accuracy'])}, macro-F1 {_pct(h['head_macro_f1'])}, AUROC {_num(h['head_auroc'])}, ECE "
               f"{_num(h['head_ece'])}."]
     if result["policy"] == "default":
-        lines[-1] += (" Under the `default` policy a low- or medium-risk request gets a hint and may be answered; only a "
-                      "high-risk one is refused outright. So refusal on risky is expected to be lower here than in the "
-                      "demo's *after* figures, which use no policy.")
+        lines[-1] += (" Under the `default` policy the policy itself refuses only what the head judges "
+                      "high-risk; a low- or medium-risk request gets a hint and the model's answer, so refusal on risky "
+                      "here counts what the model does with the hint (the demo's *after* figures use no policy).")
     lines += [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
