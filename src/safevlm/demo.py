@@ -784,10 +784,9 @@ def multi_turn_check(model, processor, records, image_root, settings: DemoSettin
     from safevlm.guarded import classify
 
     rng = random.Random(settings.seed + 4)
-    chosen = list(records)
     first, second = [], []
-    for i in range(0, len(chosen), settings.batch_size):
-        chunk = chosen[i:i + settings.batch_size]
+    for i in range(0, len(records), settings.batch_size):
+        chunk = records[i:i + settings.batch_size]
         images = [open_image(r, image_root) for r in chunk]
         first += classify(model, processor, images, [r.prompt for r in chunk], "default")
         conversations = []
@@ -796,8 +795,8 @@ def multi_turn_check(model, processor, records, image_root, settings: DemoSettin
             conversations.append([{"role": "user", "content": opening}, {"role": "assistant", "content": answer},
                                   {"role": "user", "content": r.prompt}])
         second += classify(model, processor, images, conversations, "default")
-    refused = [k for k, r in enumerate(chosen) if r.risk_level > 0 and first[k].action == "refuse"]
-    allowed = [k for k, r in enumerate(chosen) if r.risk_level == 0 and first[k].action == "allow"]
+    refused = [k for k, r in enumerate(records) if r.risk_level > 0 and first[k].action == "refuse"]
+    allowed = [k for k, r in enumerate(records) if r.risk_level == 0 and first[k].action == "allow"]
 
     def share(idx, action):
         return round(sum(second[k].action == action for k in idx) / len(idx), 4) if idx else None
